@@ -270,54 +270,64 @@ def pack(samples, pad_id, C, device="cpu", dtype=torch.float32):
         ("text",  ids, w)        w: loss weight on predicting these ids (float or list), 0 = none
         ("clean", z)             z [n_img, C]: a clean image entering as context (und expert)
         ("noise", x_t, t)        x_t [n_img, C]: a noisy latent at time t (gen expert)
+    An image may also be given as an int `slot` (an index into an image batch the caller
+    encodes later): its latents stay 0 and b["slot"] marks the positions (-1 elsewhere);
+    training fills them on the device (pretrain.py), so workers can pack without the AE.
     A noise split does not advance the rope position (nothing after it sees it), a clean
     split takes one position for all its tokens, each text token takes one.
     Returns a dict of [B, L] tensors; `b["kind"] == NOISE` selects the noise tokens in the
     order their segments were given (row-major), which is how callers align targets."""
-    rows = []
-    for segs in samples:
-        r = dict(ids=[], kind=[], split=[], pos=[], ipos=[], t=[], lat=[], labels=[], lw=[])
-        pos = 0
+    B = len(samples)
+    L = max(sum(len(seg[1]) if seg[0] == "text" else C_img(seg[1]) for seg in segs) for segs in samples)
+    ids = torch.full((B, L), pad_id, dtype=torch.long)
+    kind, pos, ipos = (torch.zeros(B, L, dtype=torch.long) for _ in range(3))
+    split, slot, labels = (torch.full((B, L), v, dtype=torch.long) for v in (-1, -1, -100))
+    sample = torch.full((B, L), -1, dtype=torch.long)      # pads get sample -1: invisible
+    t, lw = torch.zeros(B, L), torch.zeros(B, L)
+    lat = torch.zeros(B, L, C, dtype=dtype)
+    for i, segs in enumerate(samples):
+        n, p = 0, 0                                         # token index, rope position
         for si, seg in enumerate(segs):
             if seg[0] == "text":
-                ids, w = list(seg[1]), seg[2]
-                ws = list(w) if isinstance(w, (list, tuple)) else [float(w)] * len(ids)
-                for j, tok in enumerate(ids):
-                    # the label of the previous token is this one (if the previous is text)
-                    if r["kind"] and r["kind"][-1] == TEXT and ws[j] != 0:
-                        r["labels"][-1], r["lw"][-1] = tok, ws[j]
-                    r["ids"].append(tok); r["kind"].append(TEXT); r["split"].append(si)
-                    r["pos"].append(pos); r["ipos"].append(0); r["t"].append(0.0)
-                    r["lat"].append(None); r["labels"].append(-100); r["lw"].append(0.0)
-                    pos += 1
+                k = len(seg[1])
+                w = torch.as_tensor(seg[2], dtype=torch.float).expand(k) if k else torch.zeros(0)
+                ids[i, n:n + k] = torch.as_tensor(list(seg[1]), dtype=torch.long)
+                split[i, n:n + k] = si
+                pos[i, n:n + k] = torch.arange(p, p + k)
+                # the label of the previous token is this one, when the previous is text
+                prev = torch.arange(n - 1, n + k - 1)
+                ok = w != 0
+                if k and (n == 0 or kind[i, n - 1] != TEXT):
+                    ok[0] = False
+                labels[i, prev[ok]] = ids[i, n:n + k][ok]
+                lw[i, prev[ok]] = w[ok]
+                n, p = n + k, p + k
             else:
-                kind = CLEAN if seg[0] == "clean" else NOISE
-                z = seg[1]
-                t = seg[2] if kind == NOISE else 0.0
-                for j in range(z.shape[0]):
-                    r["ids"].append(pad_id); r["kind"].append(kind); r["split"].append(si)
-                    r["pos"].append(pos); r["ipos"].append(j); r["t"].append(float(t))
-                    r["lat"].append(z[j]); r["labels"].append(-100); r["lw"].append(0.0)
-                pos += 1 if kind == CLEAN else 0
-        rows.append(r)
-    B, L = len(rows), max(len(r["ids"]) for r in rows)
-    out = dict(ids=torch.full((B, L), pad_id, dtype=torch.long), kind=torch.zeros(B, L, dtype=torch.long),
-               split=torch.full((B, L), -1, dtype=torch.long), pos=torch.zeros(B, L, dtype=torch.long),
-               ipos=torch.zeros(B, L, dtype=torch.long), t=torch.zeros(B, L),
-               lat=torch.zeros(B, L, C, dtype=dtype), labels=torch.full((B, L), -100, dtype=torch.long),
-               lw=torch.zeros(B, L), sample=torch.full((B, L), -1, dtype=torch.long))
-    for i, r in enumerate(rows):
-        n = len(r["ids"])
-        for k in ("ids", "kind", "split", "pos", "ipos", "labels"):
-            out[k][i, :n] = torch.tensor(r[k], dtype=torch.long)
-        out["t"][i, :n] = torch.tensor(r["t"])
-        out["lw"][i, :n] = torch.tensor(r["lw"])
-        out["sample"][i, :n] = 0                          # pads get sample -1: invisible
-        img = [j for j, z in enumerate(r["lat"]) if z is not None]
-        if img:
-            out["lat"][i, img] = torch.stack([r["lat"][j] for j in img]).to(dtype)
-    out["idx"] = torch.arange(L).expand(B, L).contiguous()
-    return {k: v.to(device) for k, v in out.items()}
+                kd = CLEAN if seg[0] == "clean" else NOISE
+                k = C_img(seg[1])
+                kind[i, n:n + k] = kd
+                split[i, n:n + k] = si
+                pos[i, n:n + k] = p
+                ipos[i, n:n + k] = torch.arange(k)
+                if kd == NOISE:
+                    t[i, n:n + k] = float(seg[2])
+                if isinstance(seg[1], int):
+                    slot[i, n:n + k] = seg[1]
+                else:
+                    lat[i, n:n + k] = seg[1].to(dtype)
+                n, p = n + k, p + (1 if kd == CLEAN else 0)
+        sample[i, :n] = 0
+    b = dict(ids=ids, kind=kind, split=split, pos=pos, ipos=ipos, t=t, lat=lat, labels=labels, lw=lw,
+             sample=sample, slot=slot, idx=torch.arange(L).expand(B, L).contiguous())
+    return {k: v.to(device) for k, v in b.items()}
+
+
+N_IMG = 16
+
+
+def C_img(x):
+    """Number of tokens of an image segment: a latent tensor's rows, or N_IMG for a slot."""
+    return N_IMG if isinstance(x, int) else x.shape[0]
 
 
 # ----------------------------------------------------------------------------- losses & scoring

@@ -15,7 +15,7 @@ Launch (exact recipe of the shipped base: README "Pre-training"):
 Task mixture (design section 3). Each sample is a list of segments for model.pack:
   t2i       <bos> prompt <|vision_start|> [noise image]                 (CFG dropout: text dropped)
   think     <bos> prompt <think> plan </think> <|vision_start|> [noise image]
-  caption   <bos> <|vision_start|> [clean] <|vision_end|> describe the image . caption <eos>
+  caption   <bos> <|vision_start|> [clean] <|vision_end|> give the layout of the image . caption <eos>
   vqa       <bos> <|vision_start|> [clean] <|vision_end|> does this figure show " p " ? ... yes|no <eos>
   judge     ... [clean] ... global judge prompt  score : g <eos>        (SRUM table 7 format)
   region    ... [clean] ... region judge prompt  score : s_i <eos>      (SRUM table 8 format)
@@ -40,7 +40,7 @@ defaults = dict(
     stage="umm", out="runs/base", ae="runs/ae/ckpt", init_from="", resume=False,
     depth=8, batch=128, steps=20000, lr=3e-4, warmup=300, cooldown=0.2, wd=0.0, clip=1.0,
     ema=0.999, t_shift=1.0, cfg_drop=0.1, dtype="bf16", workers=2, seed=0,
-    log_every=50, ckpt_every=1000, eval_every=0, max_minutes=0.0,
+    log_every=50, ckpt_every=1000, max_minutes=0.0, stop_after=0, dump_grads="",
     ae_steps=3000, ae_batch=64, ae_lr=2e-3, ae_noise=0.2,
 )
 MIX = dict(t2i=0.24, think=0.2, caption=0.1, vqa=0.16, judge=0.07, region=0.07, reflect=0.1, fact=0.06)
@@ -71,7 +71,7 @@ def make_sample(task, rng, banned):
     if task == "caption":
         scene = world.random_scene(rng, holdout="train")
         return [("text", [M.BOS, M.VS], 0), ("img_clean", world.draw(scene)),
-                ("text", [M.VE] + enc("describe the image ."), 0),
+                ("text", [M.VE] + enc("give the layout of the image ."), 0),
                 ("text", enc(world.caption(scene)) + [M.EOS], 1.0)]
     spec = train_spec(rng, banned)
     if task in ("t2i", "think"):
@@ -107,25 +107,51 @@ def make_sample(task, rng, banned):
     raise ValueError(task)
 
 
-def batch_protos(seed, step, lo, hi, banned):
-    """Samples lo..hi of the global batch of `step`. Each sample has its own RNG seeded by
-    (seed, step, index), so the global batch is the same for any number of processes and a
-    resumed run sees exactly the data an uninterrupted one would."""
+def make_batch(seed, step, lo, hi, banned, cfg_drop, t_shift, C):
+    """Samples lo..hi of the global batch of `step`, packed (on a CPU worker). Each sample has
+    its own RNG seeded by (seed, step, index), so the global batch is the same for any number
+    of processes and a resumed run sees exactly the data an uninterrupted one would.
+    Images stay uint8 (encoded on the device); per noise image this draws
+        t = shift(sigmoid(randn)),  t -> s*t / (1 + (s-1)*t)     and   eps ~ N(0, I)
+    CFG dropout: with prob cfg_drop a t2i sample keeps only <bos> <|vision_start|>."""
     tasks, probs = list(MIX), np.array(list(MIX.values()))
-    out = []
+    samples, images, eps, noise_slots, names = [], [], [], [], []
     for i in range(lo, hi):
         rng = np.random.default_rng([seed, step, i])
         task = tasks[rng.choice(len(tasks), p=probs / probs.sum())]
-        out.append((task, make_sample(task, rng, banned), int(rng.integers(2**31))))
-    return out
+        segs = []
+        for seg in make_sample(task, rng, banned):
+            if seg[0].startswith("img"):
+                images.append(seg[1])
+                if seg[0] == "img_clean":
+                    segs.append(("clean", len(images) - 1))
+                    continue
+                t = float(1 / (1 + np.exp(-rng.standard_normal())))
+                t = t_shift * t / (1 + (t_shift - 1) * t)
+                if task == "t2i" and rng.random() < cfg_drop:
+                    segs = [("text", [M.BOS, M.VS], 0)]       # unconditional: the text is dropped
+                segs.append(("noise", len(images) - 1, t))
+                eps.append(torch.from_numpy(rng.standard_normal((M.N_IMG, C)).astype(np.float32)))
+                noise_slots.append(len(images) - 1)
+            else:
+                segs.append(seg)
+        samples.append(segs); names.append(task)
+    b = M.pack(samples, M.PAD, C)
+    b["images"] = torch.from_numpy(np.stack(images)) if images else torch.zeros(0, world.W, world.W, 3, dtype=torch.uint8)
+    # eps per image slot (zeros for clean-only slots): the noise tokens gather theirs by slot
+    b["eps_img"] = torch.zeros(len(images), M.N_IMG, C)
+    if eps:
+        b["eps_img"][noise_slots] = torch.stack(eps)
+    b["tasks"] = names
+    return b
 
 
 class Stream(torch.utils.data.IterableDataset):
     """Yields this rank's share of each global batch, steps start..; worker w takes steps
     start+w, start+w+W, ... (DataLoader interleaves workers in order, so order is kept)."""
 
-    def __init__(self, seed, start, lo, hi):
-        self.seed, self.start, self.lo, self.hi = seed, start, lo, hi
+    def __init__(self, a, start, lo, hi, C):
+        self.a, self.start, self.lo, self.hi, self.C = a, start, lo, hi, C
 
     def __iter__(self):
         wi = torch.utils.data.get_worker_info()
@@ -133,40 +159,30 @@ class Stream(torch.utils.data.IterableDataset):
         banned = eval_prompts()
         step = self.start + k
         while True:
-            yield batch_protos(self.seed, step, self.lo, self.hi, banned)
+            yield make_batch(self.a["seed"], step, self.lo, self.hi, banned, self.a["cfg_drop"], self.a["t_shift"], self.C)
             step += n
 
 
-def to_batch(protos, ae, step_seed, cfg_drop, t_shift, device):
-    """Encode images with the frozen AE and noise the generation targets:
-        x_t = (1 - t) * x0 + t * eps,   t = shift(sigmoid(randn)),   target u = eps - x0
-    CFG dropout: with prob cfg_drop all text before a noise image becomes <bos> <|vision_start|>."""
-    imgs = [seg[1] for _, segs, _ in protos for seg in segs if seg[0].startswith("img")]
-    z = ae.encode(torch.as_tensor(np.stack(imgs), device=device)) if imgs else None
-    samples, x0s, epss, tasks = [], [], [], []
-    j = 0
-    for task, segs, s in protos:
-        g = torch.Generator().manual_seed(s)
-        out = []
-        for seg in segs:
-            if seg[0] == "img_clean":
-                out.append(("clean", z[j])); j += 1
-            elif seg[0] == "img_noise":
-                x0 = z[j]; j += 1
-                eps = torch.randn(x0.shape, generator=g).to(device)
-                t = torch.sigmoid(torch.randn(1, generator=g)).item()
-                t = t_shift * t / (1 + (t_shift - 1) * t)
-                if task == "t2i" and torch.rand(1, generator=g).item() < cfg_drop:
-                    out = [("text", [M.BOS, M.VS], 0)]     # unconditional: the text is dropped
-                out.append(("noise", (1 - t) * x0 + t * eps, t))
-                x0s.append(x0); epss.append(eps)
-            else:
-                out.append(seg)
-        samples.append(out); tasks.append(task)
-    b = M.pack(samples, M.PAD, ae.lat_mean.shape[0], device)
-    b["x0"] = torch.stack(x0s) if x0s else None
-    b["eps"] = torch.stack(epss) if epss else None
-    b["task"] = tasks
+def to_device(b, ae, device):
+    """Fill the image positions: x0 = AE(image)[slot, ipos]; on noise tokens
+        x_t = (1 - t) * x0 + t * eps     and the target  u = eps - x0   (t = 1 is pure noise)."""
+    tasks = b.pop("tasks")
+    b = {k: v.to(device, non_blocking=True) for k, v in b.items()}
+    b["tasks"] = tasks
+    img = b["slot"] >= 0
+    if img.any():
+        with torch.no_grad():
+            z = ae.encode(b["images"])                          # [n_images, n_img, C]
+        x0 = z[b["slot"][img], b["ipos"][img]]
+        b["lat"][img] = x0
+        nz = b["kind"] == M.NOISE
+        x0n = z[b["slot"][nz], b["ipos"][nz]]
+        eps = b["eps_img"][b["slot"][nz], b["ipos"][nz]]
+        t = b["t"][nz][:, None]
+        b["lat"][nz] = (1 - t) * x0n + t * eps
+        b["u"] = eps - x0n                                      # velocity target, [N_noise, C]
+    else:
+        b["u"] = torch.zeros(0, ae.lat_mean.shape[0], device=device)
     return b
 
 
@@ -276,7 +292,7 @@ def main(argv=None):
     # ---- data: this rank's slice of the global batch
     per = a["batch"] // world_size
     assert per * world_size == a["batch"], "--batch must be divisible by the number of processes"
-    loader = torch.utils.data.DataLoader(Stream(a["seed"], step, rank * per, (rank + 1) * per),
+    loader = torch.utils.data.DataLoader(Stream(a, step, rank * per, (rank + 1) * per, cfg.latent_ch),
                                          batch_size=None, num_workers=a["workers"],
                                          prefetch_factor=4 if a["workers"] else None, persistent_workers=False)
     it = iter(loader)
@@ -288,19 +304,20 @@ def main(argv=None):
         lr = a["lr"] * min(1, (step + 1) / a["warmup"]) * min(1, (1 - frac) / a["cooldown"]) if a["cooldown"] else a["lr"]
         for gp in opt.param_groups:
             gp["lr"] = lr
-        b = to_batch(next(it), ae, a["seed"], a["cfg_drop"], a["t_shift"], device)
+        b = to_device(next(it), ae, device)
         with amp:
             ce, v = M.token_losses(umm, b)
         # global means: local sums over global counts, times world (DDP averages gradients)
         n_lab = all_sum((b["lw"] > 0).sum()).item()
         n_img = all_sum(0 if v.numel() == 0 else v.shape[0]).item()
         loss_text = (ce * b["lw"]).sum() / max(n_lab, 1) * world_size
-        u = (b["eps"] - b["x0"]).reshape(-1, cfg.latent_ch) if b["x0"] is not None else None
-        sq = ((v - u) ** 2).mean(-1) if u is not None else v.sum(-1)     # per token MSE  (v - (eps - x0))^2
+        sq = ((v - b["u"]) ** 2).mean(-1)                               # per token (v - (eps - x0))^2
         loss_img = sq.sum() / max(n_img, 1) * world_size
         loss = loss_text + loss_img
         opt.zero_grad(set_to_none=True)
         loss.backward()
+        if a["dump_grads"] and step == start and rank == 0:         # tests: DDP grads == 1-process grads
+            torch.save({k: p.grad.clone() for k, p in raw.named_parameters() if p.grad is not None}, a["dump_grads"])
         gn = torch.nn.utils.clip_grad_norm_(raw.parameters(), a["clip"])
         opt.step()
         with torch.no_grad():                                     # EMA of the weights (DiT)
@@ -310,8 +327,8 @@ def main(argv=None):
         tok_count += int((b["sample"] >= 0).sum())
         # per-task losses for the progress line
         with torch.no_grad():
-            for task in set(b["task"]):
-                rows = torch.tensor([t == task for t in b["task"]], device=ce.device)
+            for task in set(b["tasks"]):
+                rows = torch.tensor([t == task for t in b["tasks"]], device=ce.device)
                 m = (b["lw"] > 0) & rows[:, None]
                 if m.any():
                     last[task] = 0.9 * last.get(task, (ce[m].mean().item())) + 0.1 * ce[m].mean().item()
@@ -320,12 +337,14 @@ def main(argv=None):
             el = time.time() - t0
             tps = tok_count * world_size / el
             eta = el / max(step - start, 1) * (a["steps"] - step)
-            rec = dict(step=step, loss=loss.item() / world_size, lr=lr, gnorm=gn.item(), tok_s=tps,
+            rec = dict(step=step, loss=all_sum(loss.detach()).item() / world_size, lr=lr, gnorm=gn.item(), tok_s=tps,
                        elapsed=el, **{f"loss_{k}": v for k, v in last.items()})
             log.log(rec, f"step {step}/{a['steps']} loss {rec['loss']:.3f} | " +
                     " ".join(f"{k} {v:.3f}" for k, v in sorted(last.items())) +
                     f" | lr {lr:.2e} gn {gn.item():.2f} | {tps:.0f} tok/s | eta {eta / 60:.1f} min")
-        stop = a["max_minutes"] and time.time() - t0 > 60 * a["max_minutes"]
+        stop = (a["max_minutes"] and time.time() - t0 > 60 * a["max_minutes"]) or \
+            (a["stop_after"] and step - start >= a["stop_after"])
+        stop = all_sum(float(bool(stop))).item() > 0                   # every rank stops together
         if rank == 0 and (step % a["ckpt_every"] == 0 or step == a["steps"] or stop):
             save(raw, ae, ema, opt, step, a, cfg)
         if stop:
