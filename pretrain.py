@@ -40,7 +40,7 @@ defaults = dict(
     stage="umm", out="runs/base", ae="runs/ae/ckpt", init_from="", resume=False,
     depth=8, batch=128, steps=20000, lr=3e-4, warmup=300, cooldown=0.2, wd=0.0, clip=1.0,
     ema=0.999, t_shift=1.0, cfg_drop=0.1, dtype="bf16", workers=2, seed=0,
-    log_every=50, ckpt_every=1000, max_minutes=0.0, stop_after=0, dump_grads="",
+    log_every=50, ckpt_every=1000, eval_every=0, eval_n=8, minutes=0.0, max_minutes=0.0, stop_after=0, dump_grads="",
     ae_steps=3000, ae_batch=64, ae_lr=2e-3, ae_noise=0.2,
 )
 MIX = dict(t2i=0.24, think=0.2, caption=0.1, vqa=0.16, judge=0.07, region=0.07, reflect=0.1, fact=0.06)
@@ -202,7 +202,20 @@ def ae_data(rng, n):
         else:
             imgs.append(world.render(world.sample_spec(world.TAGS[rng.integers(len(world.TAGS))], rng, holdout="any"), rng, holdout="any")[0])
     imgs = np.stack(imgs)
-    return imgs, palette_index(imgs)
+    return torch.from_numpy(imgs), torch.from_numpy(palette_index(imgs))
+
+
+class AEStream(torch.utils.data.IterableDataset):
+    """Batches of renders and their palette indices; worker w draws from its own seed."""
+
+    def __init__(self, seed, n):
+        self.seed, self.n = seed, n
+
+    def __iter__(self):
+        wi = torch.utils.data.get_worker_info()
+        rng = np.random.default_rng([self.seed, wi.id if wi else 0])
+        while True:
+            yield ae_data(rng, self.n)
 
 
 @torch.no_grad()
@@ -219,14 +232,14 @@ def train_ae(a, device, log):
     torch.manual_seed(a["seed"])
     ae = M.PaletteAE(32, 32).to(device)
     opt = torch.optim.AdamW(ae.parameters(), lr=a["ae_lr"], weight_decay=0.0)
-    rng = np.random.default_rng(a["seed"])
+    it = iter(torch.utils.data.DataLoader(AEStream(a["seed"], a["ae_batch"]), batch_size=None,
+                                          num_workers=a["workers"]))
     weight = torch.tensor([0.3] + [1.0] * 8, device=device)   # background is ~90% of pixels
     for step in range(a["ae_steps"]):
-        imgs, idx = ae_data(rng, a["ae_batch"])
-        x = torch.as_tensor(imgs, device=device)
+        x, idx = (t.to(device) for t in next(it))
         z = ae.encode(x)
         z = z + a["ae_noise"] * torch.randn_like(z)             # robust to imperfect flow samples
-        loss = F.cross_entropy(ae.logits(z), torch.as_tensor(idx, device=device), weight=weight)
+        loss = F.cross_entropy(ae.logits(z), idx, weight=weight)
         lr = a["ae_lr"] * min(1, (step + 1) / 100) * (0.5 * (1 + math.cos(math.pi * step / a["ae_steps"])))
         for gp in opt.param_groups:
             gp["lr"] = lr
@@ -237,7 +250,7 @@ def train_ae(a, device, log):
             log.log(dict(stage="ae", step=step, loss=loss.item()), f"ae step {step} loss {loss.item():.4f}")
     with torch.no_grad():                                       # unit-variance latents for the flow
         imgs, _ = ae_data(np.random.default_rng(7), 1024)
-        z = torch.cat([ae.encode(torch.as_tensor(imgs[i:i + 256], device=device)) for i in range(0, 1024, 256)])
+        z = torch.cat([ae.encode(imgs[i:i + 256].to(device)) for i in range(0, 1024, 256)])
         ae.lat_mean.copy_(z.mean((0, 1)))
         ae.lat_std.copy_(z.std((0, 1)))
     rate = ae_pass_rate(ae, device)
@@ -324,6 +337,15 @@ def main(argv=None):
             for k, p in raw.state_dict().items():
                 ema[k].mul_(a["ema"]).add_(p.float(), alpha=1 - a["ema"])
         step += 1
+        if a["minutes"] and step == start + 20:
+            t20 = time.time()
+        if a["minutes"] and step == start + 120:
+            # --minutes: size the run (and so its LR schedule) from the speed of steps 20..120;
+            # the log records the resulting --steps, which reproduces the run without --minutes
+            rate = 100 / (time.time() - t20)
+            a["steps"] = int(all_sum(start + 120 + rate * (60 * a["minutes"] - (time.time() - t0))).item() / world_size)
+            log.log(dict(steps_set=a["steps"], steps_per_s=rate),
+                    f"--minutes {a['minutes']}: {rate:.1f} steps/s -> --steps {a['steps']}")
         tok_count += int((b["sample"] >= 0).sum())
         # per-task losses for the progress line
         with torch.no_grad():
@@ -345,6 +367,8 @@ def main(argv=None):
         stop = (a["max_minutes"] and time.time() - t0 > 60 * a["max_minutes"]) or \
             (a["stop_after"] and step - start >= a["stop_after"])
         stop = all_sum(float(bool(stop))).item() > 0                   # every rank stops together
+        if rank == 0 and a["eval_every"] and (step % a["eval_every"] == 0 or step == a["steps"]):
+            curve_point(ema, ae, cfg, step, a, device, log)               # the learning curve
         if rank == 0 and (step % a["ckpt_every"] == 0 or step == a["steps"] or stop):
             save(raw, ae, ema, opt, step, a, cfg)
         if stop:
@@ -353,6 +377,19 @@ def main(argv=None):
     if world_size > 1:
         torch.distributed.destroy_process_group()
     return raw, ema
+
+
+def curve_point(ema, ae, cfg, step, a, device, log):
+    """Quick eval of the EMA weights (eval_n prompts per tag, 2 images, think mode + VQA)."""
+    import evaluate
+    m = M.MoT(cfg).to(device)
+    m.load_state_dict(ema)
+    specs = evaluate.pick(world.load_specs(os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "eval.jsonl")), a["eval_n"])
+    ea = dict(evaluate.defaults, k=2, modes="think", batch=256)
+    s = evaluate.evaluate(m, ae, specs, ea, device, log=lambda *_: None)
+    rec = dict(step=step, curve=True, gen_think=s["gen_think"], und=s["und"], switch_rate=s["switch_rate"],
+               per_tag={t: v["gen_think"] for t, v in s["per_tag"].items()})
+    log.log(rec, f"eval @ {step}: gen_think {s['gen_think']:.3f} und {s['und']:.3f} switch {s['switch_rate']:.3f}")
 
 
 def save(raw, ae, ema, opt, step, a, cfg):
