@@ -314,7 +314,7 @@ def pack(samples, pad_id, C, device="cpu", dtype=torch.float32):
                 if isinstance(seg[1], int):
                     slot[i, n:n + k] = seg[1]
                 else:
-                    lat[i, n:n + k] = seg[1].to(dtype)
+                    lat[i, n:n + k] = seg[1].detach().to("cpu", dtype)
                 n, p = n + k, p + (1 if kd == CLEAN else 0)
         sample[i, :n] = 0
     b = dict(ids=ids, kind=kind, split=split, pos=pos, ipos=ipos, t=t, lat=lat, labels=labels, lw=lw,
