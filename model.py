@@ -66,12 +66,14 @@ class PaletteAE(nn.Module):
 
     def __init__(self, C=32, w=32, n_colors=9):
         super().__init__()
+        def block(c): return nn.Sequential(nn.Conv2d(c, c, 3, 1, 1), nn.GroupNorm(8, c), nn.SiLU())
         def down(i, o): return nn.Sequential(nn.Conv2d(i, o, 4, 2, 1), nn.GroupNorm(8, o), nn.SiLU())
         def up(i, o): return nn.Sequential(nn.Upsample(scale_factor=2, mode="nearest"),
-                                           nn.Conv2d(i, o, 3, 1, 1), nn.GroupNorm(8, o), nn.SiLU())
+                                           nn.Conv2d(i, o, 3, 1, 1), nn.GroupNorm(8, o), nn.SiLU(), block(o))
         self.enc = nn.Sequential(nn.Conv2d(3, w, 3, 1, 1), nn.SiLU(), down(w, 2 * w), down(2 * w, 4 * w),
-                                 down(4 * w, 4 * w), down(4 * w, 4 * w), nn.Conv2d(4 * w, C, 1))
-        self.dec = nn.Sequential(nn.Conv2d(C, 4 * w, 1), nn.SiLU(), up(4 * w, 4 * w), up(4 * w, 4 * w),
+                                 down(4 * w, 4 * w), down(4 * w, 4 * w), block(4 * w), nn.Conv2d(4 * w, C, 1))
+        # the decoder carries most of the work (exact edges from a 4x4 grid): two convs per scale
+        self.dec = nn.Sequential(nn.Conv2d(C, 4 * w, 1), nn.SiLU(), block(4 * w), up(4 * w, 4 * w), up(4 * w, 4 * w),
                                  up(4 * w, 2 * w), up(2 * w, w), nn.Conv2d(w, n_colors, 3, 1, 1))
         self.register_buffer("lat_mean", torch.zeros(C))
         self.register_buffer("lat_std", torch.ones(C))
@@ -80,6 +82,7 @@ class PaletteAE(nn.Module):
         """img uint8 [B,64,64,3] -> normalised latent tokens [B,16,C] (row-major 4x4 grid)."""
         x = img.permute(0, 3, 1, 2).float() / 127.5 - 1
         z = self.enc(x).flatten(2).transpose(1, 2)
+        z = F.layer_norm(z, z.shape[-1:])       # fixed scale, so training's latent noise means something
         return (z - self.lat_mean) / self.lat_std
 
     def logits(self, z):

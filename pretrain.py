@@ -41,7 +41,7 @@ defaults = dict(
     depth=8, batch=128, steps=20000, lr=3e-4, warmup=300, cooldown=0.2, wd=0.0, clip=1.0,
     ema=0.999, t_shift=1.0, cfg_drop=0.1, dtype="bf16", workers=2, seed=0,
     log_every=50, ckpt_every=1000, eval_every=0, eval_n=8, minutes=0.0, max_minutes=0.0, stop_after=0, dump_grads="",
-    ae_steps=3000, ae_batch=64, ae_lr=2e-3, ae_noise=0.2,
+    ae_steps=3000, ae_minutes=0.0, ae_batch=64, ae_lr=2e-3, ae_noise=0.1,
 )
 MIX = dict(t2i=0.24, think=0.2, caption=0.1, vqa=0.16, judge=0.07, region=0.07, reflect=0.1, fact=0.06)
 IMAGE_TAGS = [t for t in world.TAGS if t not in ("knowledge", "counting_hard")]
@@ -146,6 +146,11 @@ def make_batch(seed, step, lo, hi, banned, cfg_drop, t_shift, C):
     return b
 
 
+def one_thread(_):
+    """DataLoader workers pack with many tiny torch ops: one thread each, no oversubscription."""
+    torch.set_num_threads(1)
+
+
 class Stream(torch.utils.data.IterableDataset):
     """Yields this rank's share of each global batch, steps start..; worker w takes steps
     start+w, start+w+W, ... (DataLoader interleaves workers in order, so order is kept)."""
@@ -233,9 +238,13 @@ def train_ae(a, device, log):
     ae = M.PaletteAE(32, 32).to(device)
     opt = torch.optim.AdamW(ae.parameters(), lr=a["ae_lr"], weight_decay=0.0)
     it = iter(torch.utils.data.DataLoader(AEStream(a["seed"], a["ae_batch"]), batch_size=None,
-                                          num_workers=a["workers"]))
+                                          num_workers=a["workers"], worker_init_fn=one_thread))
     weight = torch.tensor([0.3] + [1.0] * 8, device=device)   # background is ~90% of pixels
-    for step in range(a["ae_steps"]):
+    step, t0 = 0, time.time()
+    while step < a["ae_steps"]:
+        if a["ae_minutes"] and step == 50:     # size the cosine schedule from the measured speed
+            a["ae_steps"] = int(50 / (time.time() - t0) * 60 * a["ae_minutes"])
+            log.log(dict(stage="ae", ae_steps_set=a["ae_steps"]), f"--ae_minutes: --ae_steps {a['ae_steps']}")
         x, idx = (t.to(device) for t in next(it))
         z = ae.encode(x)
         z = z + a["ae_noise"] * torch.randn_like(z)             # robust to imperfect flow samples
@@ -248,6 +257,7 @@ def train_ae(a, device, log):
         opt.step()
         if step % a["log_every"] == 0 or step == a["ae_steps"] - 1:
             log.log(dict(stage="ae", step=step, loss=loss.item()), f"ae step {step} loss {loss.item():.4f}")
+        step += 1
     with torch.no_grad():                                       # unit-variance latents for the flow
         imgs, _ = ae_data(np.random.default_rng(7), 1024)
         z = torch.cat([ae.encode(imgs[i:i + 256].to(device)) for i in range(0, 1024, 256)])
@@ -306,7 +316,7 @@ def main(argv=None):
     per = a["batch"] // world_size
     assert per * world_size == a["batch"], "--batch must be divisible by the number of processes"
     loader = torch.utils.data.DataLoader(Stream(a, step, rank * per, (rank + 1) * per, cfg.latent_ch),
-                                         batch_size=None, num_workers=a["workers"],
+                                         batch_size=None, num_workers=a["workers"], worker_init_fn=one_thread,
                                          prefetch_factor=4 if a["workers"] else None, persistent_workers=False)
     it = iter(loader)
     amp = torch.autocast(device.split(":")[0], dtype=torch.bfloat16, enabled=a["dtype"] == "bf16")
@@ -334,8 +344,9 @@ def main(argv=None):
         gn = torch.nn.utils.clip_grad_norm_(raw.parameters(), a["clip"])
         opt.step()
         with torch.no_grad():                                     # EMA of the weights (DiT)
-            for k, p in raw.state_dict().items():
-                ema[k].mul_(a["ema"]).add_(p.float(), alpha=1 - a["ema"])
+            ev, pv = list(ema.values()), [p.float() for p in raw.state_dict().values()]
+            torch._foreach_mul_(ev, a["ema"])
+            torch._foreach_add_(ev, pv, alpha=1 - a["ema"])
         step += 1
         if a["minutes"] and step == start + 20:
             t20 = time.time()
@@ -347,23 +358,26 @@ def main(argv=None):
             log.log(dict(steps_set=a["steps"], steps_per_s=rate),
                     f"--minutes {a['minutes']}: {rate:.1f} steps/s -> --steps {a['steps']}")
         tok_count += int((b["sample"] >= 0).sum())
-        # per-task losses for the progress line
-        with torch.no_grad():
-            for task in set(b["tasks"]):
-                rows = torch.tensor([t == task for t in b["tasks"]], device=ce.device)
-                m = (b["lw"] > 0) & rows[:, None]
-                if m.any():
-                    last[task] = 0.9 * last.get(task, (ce[m].mean().item())) + 0.1 * ce[m].mean().item()
-            last["img"] = 0.9 * last.get("img", loss_img.item() / world_size) + 0.1 * loss_img.item() / world_size
+        # per-task losses for the progress line, averaged over the last 10 steps before it
+        if (step - 1) % a["log_every"] >= a["log_every"] - 10 or step == a["steps"]:
+            with torch.no_grad():
+                for task in set(b["tasks"]):
+                    rows = torch.tensor([t == task for t in b["tasks"]], device=ce.device)
+                    m = (b["lw"] > 0) & rows[:, None]
+                    if m.any():
+                        last.setdefault(task, []).append(ce[m].mean().item())
+                last.setdefault("img", []).append(loss_img.item() / world_size)
         if step % a["log_every"] == 0 or step == a["steps"]:
             el = time.time() - t0
             tps = tok_count * world_size / el
             eta = el / max(step - start, 1) * (a["steps"] - step)
+            last = {k: sum(v) / len(v) for k, v in last.items()}
             rec = dict(step=step, loss=all_sum(loss.detach()).item() / world_size, lr=lr, gnorm=gn.item(), tok_s=tps,
                        elapsed=el, **{f"loss_{k}": v for k, v in last.items()})
             log.log(rec, f"step {step}/{a['steps']} loss {rec['loss']:.3f} | " +
                     " ".join(f"{k} {v:.3f}" for k, v in sorted(last.items())) +
                     f" | lr {lr:.2e} gn {gn.item():.2f} | {tps:.0f} tok/s | eta {eta / 60:.1f} min")
+            last = {}
         stop = (a["max_minutes"] and time.time() - t0 > 60 * a["max_minutes"]) or \
             (a["stop_after"] and step - start >= a["stop_after"])
         stop = all_sum(float(bool(stop))).item() > 0                   # every rank stops together
