@@ -57,40 +57,48 @@ def config_for(depth, vocab_size):
 # ----------------------------------------------------------------------------- autoencoder
 
 class PaletteAE(nn.Module):
-    """Frozen-VAE analog: 64x64x3 -> 4x4xC latent (stride 16) -> per-pixel palette logits.
-
-    Renders use only 9 colours (black + 8), so the decoder classifies each pixel into the
-    palette instead of regressing RGB: decodes are crisp and the verifier reads them exactly.
-    `lat_mean/lat_std` (set after AE training) make the latent unit-variance for the flow.
+    """Frozen-VAE analog: 64x64x3 -> 8x8x8 latent (8x down, like BAGEL's VAE) -> 2x2 patches ->
+    16 tokens of 32 dims (one token per 16x16 pixels); the decoder predicts per-pixel palette
+    logits. Renders use only 9 colours (black + 8), so decoding is a classification: crisp
+    images that the verifier reads exactly. `lat_mean/lat_std` (set after AE training) make
+    the tokens unit-variance for the flow. A stride-16 AE (4x4 latent) learns far slower: small
+    shapes blur into blobs (measured: 44% verifier pass after 3k GPU steps).
     """
 
-    def __init__(self, C=32, w=32, n_colors=9):
+    def __init__(self, C=8, w=32, n_colors=9, p=2):
         super().__init__()
         def block(c): return nn.Sequential(nn.Conv2d(c, c, 3, 1, 1), nn.GroupNorm(8, c), nn.SiLU())
         def down(i, o): return nn.Sequential(nn.Conv2d(i, o, 4, 2, 1), nn.GroupNorm(8, o), nn.SiLU())
         def up(i, o): return nn.Sequential(nn.Upsample(scale_factor=2, mode="nearest"),
-                                           nn.Conv2d(i, o, 3, 1, 1), nn.GroupNorm(8, o), nn.SiLU(), block(o))
-        self.enc = nn.Sequential(nn.Conv2d(3, w, 3, 1, 1), nn.SiLU(), down(w, 2 * w), down(2 * w, 4 * w),
-                                 down(4 * w, 4 * w), down(4 * w, 4 * w), block(4 * w), nn.Conv2d(4 * w, C, 1))
-        # the decoder carries most of the work (exact edges from a 4x4 grid): two convs per scale
-        self.dec = nn.Sequential(nn.Conv2d(C, 4 * w, 1), nn.SiLU(), block(4 * w), up(4 * w, 4 * w), up(4 * w, 4 * w),
-                                 up(4 * w, 2 * w), up(2 * w, w), nn.Conv2d(w, n_colors, 3, 1, 1))
-        self.register_buffer("lat_mean", torch.zeros(C))
-        self.register_buffer("lat_std", torch.ones(C))
+                                           nn.Conv2d(i, o, 3, 1, 1), nn.GroupNorm(8, o), nn.SiLU())
+        self.enc = nn.Sequential(nn.Conv2d(3, w, 3, 1, 1), nn.SiLU(), down(w, w), down(w, 2 * w),
+                                 down(2 * w, 2 * w), block(2 * w), nn.Conv2d(2 * w, C, 1))
+        self.dec = nn.Sequential(nn.Conv2d(C, 2 * w, 1), nn.SiLU(), block(2 * w), up(2 * w, 2 * w),
+                                 up(2 * w, w), up(w, w), nn.Conv2d(w, n_colors, 3, 1, 1))
+        self.C, self.p = C, p
+        self.register_buffer("lat_mean", torch.zeros(C * p * p))
+        self.register_buffer("lat_std", torch.ones(C * p * p))
 
     def encode(self, img):
-        """img uint8 [B,64,64,3] -> normalised latent tokens [B,16,C] (row-major 4x4 grid)."""
+        """img uint8 [B,64,64,3] -> normalised latent tokens [B,16,C*p*p] (row-major 4x4 grid)."""
         x = img.permute(0, 3, 1, 2).float() / 127.5 - 1
-        z = self.enc(x).flatten(2).transpose(1, 2)
-        z = F.layer_norm(z, z.shape[-1:])       # fixed scale, so training's latent noise means something
+        z = self.enc(x)
+        z = F.layer_norm(z.transpose(1, 3), (self.C,)).transpose(1, 3)  # fixed scale: latent noise means something
+        B, C, H, W = z.shape
+        p = self.p                                                       # 2x2 patches -> tokens
+        z = z.reshape(B, C, H // p, p, W // p, p).permute(0, 2, 4, 3, 5, 1).reshape(B, (H // p) * (W // p), p * p * C)
         return (z - self.lat_mean) / self.lat_std
 
-    def logits(self, z):
-        """latent tokens [B,16,C] -> palette logits [B,9,64,64]."""
+    def latent_map(self, z):
+        """tokens [B,N,C*p*p] -> un-normalised latent map [B,C,H,W]."""
         z = z * self.lat_std + self.lat_mean
-        B, N, C = z.shape
-        s = int(math.isqrt(N))
-        return self.dec(z.transpose(1, 2).reshape(B, C, s, s))
+        B, N, _ = z.shape
+        s, p, C = int(math.isqrt(N)), self.p, self.C
+        return z.reshape(B, s, s, p, p, C).permute(0, 5, 1, 3, 2, 4).reshape(B, C, s * p, s * p)
+
+    def logits(self, z):
+        """latent tokens [B,16,C*p*p] -> palette logits [B,9,64,64]."""
+        return self.dec(self.latent_map(z))
 
     def decode(self, z, palette):
         """latent tokens -> uint8 images [B,64,64,3] through the palette (world.PALETTE)."""
@@ -538,7 +546,7 @@ def save_weights(path, model, ae, meta):
     AE-only checkpoint) + `path`.json (config and run meta). Temp names, then renamed."""
     from safetensors.torch import save_file
     sd = {f"ae.{k}": v.detach().float().contiguous() for k, v in ae.state_dict().items()}
-    js = dict(meta, ae=dict(C=ae.lat_mean.shape[0], w=ae.enc[0].out_channels))
+    js = dict(meta, ae=dict(C=ae.C, w=ae.enc[0].out_channels, p=ae.p))
     if model is not None:
         sd.update({f"umm.{k}": v.detach().to(torch.bfloat16).contiguous() for k, v in model.state_dict().items()})
         js["config"] = asdict(model.c)
@@ -561,7 +569,7 @@ def load_weights(path, device="cpu", dtype=torch.float32):
     with open(path + ".json") as f:
         meta = json.load(f)
     sd = load_file(path + ".safetensors")
-    ae = PaletteAE(meta["ae"]["C"], meta["ae"]["w"])
+    ae = PaletteAE(meta["ae"]["C"], meta["ae"]["w"], p=meta["ae"]["p"])
     ae.load_state_dict({k[3:]: v.float() for k, v in sd.items() if k.startswith("ae.")})
     model = None
     if "config" in meta:

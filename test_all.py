@@ -193,7 +193,11 @@ def run(args, nproc=1, timeout=300):
     if nproc == 1:
         cmd = [sys.executable, os.path.join(HERE, "pretrain.py")]
     else:
-        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--master_port=29533",
+        import socket
+        with socket.socket() as s:                        # a free port: parallel CI jobs must not collide
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={port}",
                os.path.join(HERE, "pretrain.py")]
     r = subprocess.run(cmd + args, env=env, capture_output=True, text=True, timeout=timeout, cwd=HERE)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]

@@ -1,0 +1,184 @@
+"""
+nanoUMM rewards. One calling convention for every reward:
+
+    reward(specs, images) -> np.ndarray float32 [N]
+
+specs: a list of N prompt specs (world.py dicts with "prompt"); images: uint8 [N,64,64,3]
+(an array, a list of arrays, or a CPU tensor). A reward is a plain function with that
+signature, or a small object built once (it holds a model) whose __call__ has it:
+
+    oracle_soft      fraction of the exact verifier's atomic checks passed (dense, in [0,1])
+    oracle_binary    1.0 if the verifier says correct else 0.0 (GenEval's per-image score)
+    SelfVQA(m, ae)   VQAScore from the unified model's own understanding (a frozen copy)
+    QwenVQA(path)    VQAScore from a real Qwen2.5-VL loaded from a local folder (paper 000's
+                     QwenVQAScore used Qwen2.5-VL-7B-Instruct)
+
+VQAScore (upstream t2v_metrics): ask `Does this figure show "{prompt}"? Please answer Yes or
+No.` about the image and take the softmax probability of the "Yes" token at the first answer
+position, from one raw forward pass (not `generate` scores, which logits processors alter).
+Paper 000 credits its bimodal shape (clear high / low clusters) for RWR's gains:
+`reward_stats` reports the bimodality coefficient so a run can check that before training.
+"""
+import copy
+import inspect
+import json
+import os
+
+import numpy as np
+import torch
+
+import model as M
+import world
+
+
+def as_images(images, n):
+    """uint8 [n,64,64,3] numpy from an array, a list of arrays or a (CPU/GPU) tensor; n = len(specs)
+    (checked: a silent zip() truncation would misalign rewards and rollouts)."""
+    if torch.is_tensor(images):
+        images = images.detach().cpu().numpy()
+    imgs = np.stack([np.asarray(im) for im in images]) if len(images) else np.zeros((0, world.W, world.W, 3))
+    assert len(imgs) == n, f"{n} specs but {len(imgs)} images"
+    return imgs.astype(np.uint8, copy=False)
+
+
+# ----------------------------------------------------------------------------- oracle (exact verifier)
+
+def oracle_soft(specs, images):
+    """Fraction of atomic checks passed (count, colour, position, ..., no extra objects)."""
+    imgs = as_images(images, len(specs))
+    return np.array([world.verify(s, im)["soft"] for s, im in zip(specs, imgs)], np.float32)
+
+
+def oracle_binary(specs, images):
+    """1.0 where every check passes (GenEval's `correct`), else 0.0."""
+    imgs = as_images(images, len(specs))
+    return np.array([world.verify(s, im)["correct"] for s, im in zip(specs, imgs)], np.float32)
+
+
+# ----------------------------------------------------------------------------- self-judgment
+
+class SelfVQA:
+    """VQAScore asked of the unified model itself: P("yes") after
+    `<bos> <|vision_start|> [image] <|vision_end|> does this figure show " p " ? ...` (model.p_yes,
+    the format pre-training taught). The judge is a frozen deep copy taken at construction,
+    so optimising the policy never moves its own reward (SRUM's frozen-judge rule)."""
+
+    def __init__(self, model, ae, device="cpu", batch=128):
+        model = getattr(model, "module", model)            # unwrap DDP if given the wrapper
+        self.model = copy.deepcopy(model).to(device).eval().requires_grad_(False)
+        self.ae = copy.deepcopy(ae).to(device).eval().requires_grad_(False)
+        self.device, self.batch = device, batch
+        self.yes_id = world.STOI["yes"]                    # the world's vocabulary is lower-case
+
+    @torch.no_grad()
+    def __call__(self, specs, images):
+        imgs, out = as_images(images, len(specs)), []
+        for i in range(0, len(specs), self.batch):
+            z = self.ae.encode(torch.as_tensor(imgs[i:i + self.batch], device=self.device))
+            q = [world.encode(world.vqa_question(s["prompt"])) for s in specs[i:i + self.batch]]
+            out += M.p_yes(self.model, z, q, self.yes_id).float().cpu().tolist()
+        return np.array(out, np.float32)
+
+
+# ----------------------------------------------------------------------------- Qwen2.5-VL VQAScore
+
+class QwenVQA:
+    """VQAScore from a real Qwen2.5-VL read from a LOCAL folder (nothing is downloaded).
+
+    The "Yes" token: `tokenizer.encode("Yes", add_special_tokens=False)`, which must be one
+    token -- capital Y, no leading space, because the answer starts a fresh line right after
+    the generation prompt `<|im_start|>assistant\\n` (t2v_metrics' answer template "Yes").
+    The softmax runs over the model's whole output vocabulary (lm_head rows), as upstream.
+
+    Why not AutoProcessor: in transformers 5.x the Qwen2.5-VL processor cannot be built
+    without torchvision (its video processor requires it), which this repo does not need.
+    So the processor's two halves are loaded (AutoTokenizer, AutoImageProcessor) and the one
+    thing the processor adds for an image is done here: `<|image_pad|>` is repeated once per
+    merged patch (t*h*w / merge^2) and marked in mm_token_type_ids (the model's 3-D RoPE
+    needs it). test_rewards.py checks this against the upstream processor, token for token.
+
+    Images are upsampled 64 -> `size` px with nearest (crisp edges; 224 = 8x28 px gives
+    8x8 = 64 visual tokens). Batches are left-padded, so position -1 is every row's
+    answer position."""
+
+    QUESTION = 'Does this figure show "{}"? Please answer Yes or No.'
+    IMAGE_PAD = "<|image_pad|>"
+
+    def __init__(self, path, device="cpu", dtype=torch.float32, batch=8, size=224):
+        if not os.path.isdir(path):
+            raise FileNotFoundError(
+                f"QwenVQA: no model folder at {path!r}. Nothing is downloaded here: copy a local "
+                f"Qwen2.5-VL checkpoint there (config.json, *.safetensors, tokenizer.json, "
+                f"preprocessor_config.json), e.g. on a machine with internet "
+                f"`huggingface-cli download Qwen/Qwen2.5-VL-7B-Instruct --local-dir {path}`, "
+                f"or use SelfVQA / oracle_soft instead")
+        from transformers import AutoImageProcessor, AutoTokenizer, Qwen2_5_VLForConditionalGeneration
+        self.model = Qwen2_5_VLForConditionalGeneration.from_pretrained(
+            path, dtype=dtype, local_files_only=True).to(device).eval().requires_grad_(False)
+        self.tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        self.img_proc = AutoImageProcessor.from_pretrained(path, local_files_only=True)
+        self.tok.padding_side = "left"                     # last position = answer position
+        if self.tok.pad_token is None:
+            self.tok.pad_token = self.tok.eos_token
+        if self.tok.chat_template is None:                 # older folders keep it for the processor only
+            with open(os.path.join(path, "chat_template.json")) as f:
+                self.tok.chat_template = json.load(f)["chat_template"]
+        yes = self.tok.encode("Yes", add_special_tokens=False)
+        assert len(yes) == 1, f'"Yes" is {len(yes)} tokens in this tokenizer; VQAScore needs one'
+        self.yes_id = yes[0]
+        self.pad_id = self.tok.convert_tokens_to_ids(self.IMAGE_PAD)
+        assert self.pad_id == self.model.config.image_token_id, "tokenizer and model disagree on <|image_pad|>"
+        # transformers 5.x positions image tokens by mm_token_type_ids; 4.x finds them itself
+        self.typed = "mm_token_type_ids" in inspect.signature(self.model.forward).parameters
+        self.device, self.dtype, self.batch, self.size = device, dtype, batch, size
+
+    def prompt(self, text):
+        """The chat-formatted question, one `<|image_pad|>` placeholder, generation prompt on."""
+        msgs = [{"role": "user", "content": [{"type": "image"},
+                                              {"type": "text", "text": self.QUESTION.format(text)}]}]
+        return self.tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+
+    def inputs(self, specs, images):
+        """Model inputs for one batch, exactly what Qwen2_5_VLProcessor would produce."""
+        from PIL import Image
+        pils = [Image.fromarray(im).resize((self.size, self.size), Image.NEAREST) for im in images]
+        px = self.img_proc(images=pils, return_tensors="pt")
+        n_tok = (px["image_grid_thw"].prod(-1) // self.img_proc.merge_size ** 2).tolist()
+        texts = [self.prompt(s["prompt"]).replace(self.IMAGE_PAD, self.IMAGE_PAD * n, 1)
+                 for s, n in zip(specs, n_tok)]
+        b = dict(self.tok(texts, padding=True, return_tensors="pt"))
+        if self.typed:
+            b["mm_token_type_ids"] = (b["input_ids"] == self.pad_id).long()   # 1 = image token
+        b["pixel_values"] = px["pixel_values"].to(self.dtype)
+        b["image_grid_thw"] = px["image_grid_thw"]
+        return {k: v.to(self.device) for k, v in b.items()}
+
+    @torch.no_grad()
+    def __call__(self, specs, images):
+        imgs, out = as_images(images, len(specs)), []
+        for i in range(0, len(specs), self.batch):
+            b = self.inputs(specs[i:i + self.batch], imgs[i:i + self.batch])
+            logits = self.model(**b).logits[:, -1].float()  # first answer position (left-padded)
+            out += torch.softmax(logits, -1)[:, self.yes_id].cpu().tolist()
+        return np.array(out, np.float32)
+
+
+# ----------------------------------------------------------------------------- distribution checks
+
+def reward_stats(r):
+    """mean, std, skew, kurtosis and the bimodality coefficient BC = (skew^2 + 1) / kurtosis
+    (population moments; kurtosis not excess). BC is 1 for two equal spikes, 5/9 for a
+    uniform, 1/3 for a Gaussian; above 5/9 hints at two clusters (paper 000: a bimodal
+    reward gives RWR a sharper signal). A constant reward has no shape: BC reported 0."""
+    r = np.asarray(r, np.float64)
+    mean, std = float(r.mean()), float(r.std())
+    if std < 1e-12:
+        return dict(mean=mean, std=std, skew=0.0, kurtosis=0.0, bimodality=0.0)
+    x = (r - mean) / std
+    skew, kurt = float((x ** 3).mean()), float((x ** 4).mean())
+    return dict(mean=mean, std=std, skew=skew, kurtosis=kurt, bimodality=(skew ** 2 + 1) / kurt)
+
+
+def histogram(r, bins=10):
+    """Counts of rewards in `bins` equal bins over [0, 1] (values outside are clipped in)."""
+    return np.histogram(np.clip(np.asarray(r, np.float64), 0, 1), bins=bins, range=(0, 1))[0].tolist()
