@@ -28,6 +28,9 @@ import math
 import os
 import time
 
+# the world's detector uses numpy matmuls: one BLAS thread per data worker, else 15 workers x
+# 16 BLAS threads thrash a 16-core GPU host (set before numpy loads)
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 import numpy as np
 import torch
 import torch.nn.functional as F

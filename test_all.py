@@ -245,3 +245,44 @@ def test_resumed_run_matches_uninterrupted(tiny_ae, tmp_path):
     for k in sa["model"]:
         assert torch.equal(sa["model"][k], sb["model"][k]), k
     assert [r["loss"] for r in metrics(a)] == [r["loss"] for r in metrics(b)]
+
+
+# ----------------------------------------------------------------------------- bad input, end to end
+
+@pytest.fixture(scope="module")
+def tiny_ckpt(tmp_path_factory):
+    import world
+    d = tmp_path_factory.mktemp("ck")
+    torch.manual_seed(0)
+    M.save_weights(str(d / "ck"), M.MoT(M.config_for(2, len(world.VOCAB))), M.PaletteAE(w=16), dict(step=0))
+    return str(d / "ck")
+
+
+def test_evaluate_runs_and_writes_grid(tiny_ckpt, tmp_path):
+    import evaluate
+    s = evaluate.main(["--ckpt", tiny_ckpt, "--n", "1", "--k", "1", "--steps", "2", "--max_think", "4",
+                       "--out", str(tmp_path)])
+    assert (tmp_path / "grid_think.png").exists() and (tmp_path / "summary.json").exists()
+    assert set(s["per_tag"]) == set(__import__("world").TAGS) and 0 <= s["und"] <= 1
+    assert "overall" in s["table"]
+
+
+@pytest.mark.parametrize("line,msg", [
+    ('{"tag": "colors", "prompt": "a photo of a red circle", "include": [{"class": "circle", "count": 1}]', "bad JSON"),
+    ('{"tag": "colors", "prompt": "a photo of a crimson circle", "include": [{"class": "circle", "count": 1}]}', "crimson"),
+    ('{"tag": "colors", "include": [{"class": "circle", "count": 1}]}', "missing key 'prompt'"),
+])
+def test_bad_prompt_file_names_file_line_and_fix(tiny_ckpt, tmp_path, line, msg):
+    import evaluate
+    good = '{"tag": "colors", "prompt": "a photo of a red circle", "include": [{"class": "circle", "count": 1, "color": "red"}]}'
+    f = tmp_path / "prompts.jsonl"
+    f.write_text(good + "\n" + line + "\n")
+    with pytest.raises(ValueError) as e:
+        evaluate.main(["--ckpt", tiny_ckpt, "--eval", str(f), "--out", str(tmp_path)])
+    assert f"{f}:2" in str(e.value) and msg in str(e.value)
+
+
+def test_missing_checkpoint_names_path_and_fix(tmp_path):
+    import evaluate
+    with pytest.raises(FileNotFoundError, match=r"nothere\.safetensors.*pretrain\.py"):
+        evaluate.main(["--ckpt", str(tmp_path / "nothere")])

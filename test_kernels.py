@@ -236,3 +236,41 @@ def test_plan_cache():
     assert attn._plan(meta, 16, 16, False)[1] is a[1]           # every layer reuses it
     meta[2][0, :10] = 1                                         # in-place edit: new plan
     assert attn._plan(meta, 16, 16, False)[1] is not a[1]
+
+
+# ----------------------------------------------------------------------------- integration
+
+def test_model_and_training_step_same_with_kernels_on_and_off(monkeypatch):
+    """model.py's attention and pretrain.py's image loss go through the kernels behind one switch
+    (kernels.USE_TRITON): outputs and every parameter gradient agree (fp32 tolerances)."""
+    import model as M
+    from kernels.loss import velocity_loss
+    torch.manual_seed(0)
+    m = M.MoT(M.config_for(2, 40))
+    torch.nn.init.normal_(m.llm2vae.weight, std=0.1)
+    g = torch.Generator().manual_seed(1)
+    z = lambda: torch.randn(16, 32, generator=g)
+    samples = [[("text", [1, 5, 7, 9], 1.0), ("clean", z()), ("text", [6, 11, 12], 1.0), ("noise", z(), 0.4)],
+               [("text", [1, 13, 14, 15, 16, 5], 1.0), ("noise", z(), 0.7)],
+               [("text", [1, 20, 21], 1.0)]]
+    b = M.pack(samples, M.PAD, 32)
+    eps, x0 = torch.randn(2, 16, 32, generator=g), torch.randn(2, 16, 32, generator=g)
+    w = torch.tensor([0.5, 2.0])                                   # per-sample reward weights
+
+    def step(on):
+        monkeypatch.setattr(kernels, "USE_TRITON", on)
+        m.zero_grad()
+        h = m(b)
+        ce, v = M.token_losses(m, b)
+        loss = (ce * b["lw"]).sum() / b["lw"].gt(0).sum() + velocity_loss(v.view(2, 16, 32), eps, x0, w=w, lam=0.5)
+        loss.backward()
+        return h.detach(), loss.detach(), {k: p.grad.clone() for k, p in m.named_parameters() if p.grad is not None}
+
+    h0, l0, g0 = step(False)
+    h1, l1, g1 = step(True)
+    tol = TOL[torch.float32]
+    torch.testing.assert_close(h1, h0, **tol)
+    torch.testing.assert_close(l1, l0, **tol)
+    assert g0.keys() == g1.keys() and len(g0) > 20
+    for k in g0:
+        torch.testing.assert_close(g1[k], g0[k], **tol, msg=k)
