@@ -45,7 +45,7 @@ defaults = dict(
     depth=8, batch=128, steps=20000, lr=3e-4, warmup=300, cooldown=0.2, wd=0.0, clip=1.0,
     ema=0.999, t_shift=1.0, cfg_drop=0.1, dtype="bf16", workers=2, seed=0,
     log_every=50, ckpt_every=1000, eval_every=0, eval_n=8, minutes=0.0, max_minutes=0.0, stop_after=0, dump_grads="",
-    ae_steps=3000, ae_minutes=0.0, ae_batch=32, ae_width=16, ae_lr=2e-3, ae_noise=0.2,
+    ae_init="", ae_steps=3000, ae_minutes=0.0, ae_batch=32, ae_width=16, ae_lr=2e-3, ae_noise=0.2,
 )
 MIX = dict(t2i=0.24, think=0.2, caption=0.1, vqa=0.16, judge=0.07, region=0.07, reflect=0.1, fact=0.06)
 IMAGE_TAGS = [t for t in world.TAGS if t not in ("knowledge", "counting_hard")]
@@ -240,6 +240,9 @@ def ae_pass_rate(ae, device, n=240, seed=123):
 def train_ae(a, device, log):
     torch.manual_seed(a["seed"])
     ae = M.PaletteAE(8, a["ae_width"]).to(device)
+    if a["ae_init"]:                           # continue an autoencoder (fresh optimizer, same latent layout)
+        ae = M.load_weights(a["ae_init"], device)[1]
+        ae.lat_mean.zero_(); ae.lat_std.fill_(1.0)   # re-measured at the end
     opt = torch.optim.AdamW(ae.parameters(), lr=a["ae_lr"], weight_decay=0.0)
     it = iter(torch.utils.data.DataLoader(AEStream(a["seed"], a["ae_batch"]), batch_size=None,
                                           num_workers=a["workers"], worker_init_fn=one_thread))
