@@ -327,14 +327,16 @@ def main(argv=None):
                                          prefetch_factor=4 if a["workers"] else None, persistent_workers=False)
     it = iter(loader)
     amp = torch.autocast(device.split(":")[0], dtype=torch.bfloat16, enabled=a["dtype"] == "bf16")
-    t0, tok_count, last = time.time(), 0, {}
+    t0, tok_count, last, wait = time.time(), 0, {}, 0.0
     while step < a["steps"]:
         # LR: linear warmup, constant, linear cooldown over the last `cooldown` fraction (WSD)
         frac = step / a["steps"]
         lr = a["lr"] * min(1, (step + 1) / a["warmup"]) * min(1, (1 - frac) / a["cooldown"]) if a["cooldown"] else a["lr"]
         for gp in opt.param_groups:
             gp["lr"] = lr
+        t_wait = time.time()
         b = to_device(next(it), ae, device)
+        wait += time.time() - t_wait                                  # time spent waiting for data
         with amp:
             ce, v = M.token_losses(umm, b)
         # global means: local sums over global counts, times world (DDP averages gradients)
@@ -382,10 +384,11 @@ def main(argv=None):
             eta = el / max(step - start, 1) * (a["steps"] - step)
             last = {k: sum(v) / len(v) for k, v in last.items()}
             rec = dict(step=step, loss=all_sum(loss.detach()).item() / world_size, lr=lr, gnorm=gn.item(), tok_s=tps,
-                       elapsed=el, **{f"loss_{k}": v for k, v in last.items()})
+                       elapsed=el, data_wait=wait / el, **{f"loss_{k}": v for k, v in last.items()})
             log.log(rec, f"step {step}/{a['steps']} loss {rec['loss']:.3f} | " +
                     " ".join(f"{k} {v:.3f}" for k, v in sorted(last.items())) +
-                    f" | lr {lr:.2e} gn {gn.item():.2f} | {tps:.0f} tok/s | eta {eta / 60:.1f} min")
+                    f" | lr {lr:.2e} gn {gn.item():.2f} | {tps:.0f} tok/s, {100 * wait / el:.0f}% waiting for data"
+                    f" | eta {eta / 60:.1f} min")
             last = {}
         stop = (a["max_minutes"] and time.time() - t0 > 60 * a["max_minutes"]) or \
             (a["stop_after"] and step - start >= a["stop_after"])
