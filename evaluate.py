@@ -79,6 +79,8 @@ def grid(images, rows, cols, path):
 def evaluate(model, ae, specs, a, device, out_dir=None, log=print):
     """Score a model on specs; returns the summary dict (also written to out_dir)."""
     model.eval()
+    if out_dir:
+        os.makedirs(out_dir, exist_ok=True)
     tags = [t for t in world.TAGS if any(s["tag"] == t for s in specs)]
     res = {t: {} for t in tags}
     summary = dict(ckpt=a.get("ckpt"), n_prompts=len(specs), k=a["k"])

@@ -199,7 +199,15 @@ def run(args, nproc=1, timeout=300):
             port = s.getsockname()[1]
         cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={port}",
                os.path.join(HERE, "pretrain.py")]
-    r = subprocess.run(cmd + args, env=env, capture_output=True, text=True, timeout=timeout, cwd=HERE)
+    # own process group: on a timeout every rank dies with the launcher (no stray hung ranks)
+    p = subprocess.Popen(cmd + args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=HERE,
+                         start_new_session=True)
+    try:
+        out, err = p.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(p.pid, 9)
+        raise
+    r = subprocess.CompletedProcess(cmd, p.returncode, out, err)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
     return r
 

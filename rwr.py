@@ -1,0 +1,219 @@
+"""
+Reward-weighted regression on weakness-targeted prompts (paper 000: "Unified Text-Image
+Generation with Weakness-Targeted Post-Training"), one file, one loop.
+
+  python rwr.py --mine --ckpt data/base                  # weakness mining -> data/mmgw.jsonl
+  torchrun rwr.py --prompts data/mmgw.jsonl              # RWR (defaults: multimodal, self VQAScore)
+  python rwr.py --weight_on image | text                 # which loss the reward weights
+  python rwr.py --reward oracle_soft | oracle_binary | vqa_qwen --qwen /path/to/Qwen2.5-VL
+  python rwr.py --baseline sft | rejection               # w = 1 / keep only r >= --reject_at
+
+The method (offline, one round, as in the paper):
+  1. rollouts   for every prompt c, N unified generations in think mode: the model writes its
+                plan tau and itself emits <|vision_start|>, then draws x0 (KV cache, batched)
+  2. rewards    r = R(c, x0) in [0, 1]  (VQAScore P("yes") from a frozen copy of the base by default)
+  3. weights    w = exp(beta * r), beta = 5, divided by the mean over all rollouts (a constant:
+                it only fixes the loss scale so --lr means the same for every reward)
+  4. regression on the rollouts, per sample i (design section 4):
+                L = sum_i w_i^txt * CE(tau_i | c_i) / n_txt  +  mean_i w_i^img * ||v_theta(x_t, t | c, tau) - (eps - x0_i)||^2
+                multimodal: w^txt = w^img = w;  image: w^img = w, no text loss;  text: w^txt = w, no image loss
+Weakness mining keeps prompts the base gets right about half the time (K samples each, exact
+verifier), spread over the tags, so the regression has both successes and failures to separate.
+"""
+import json
+import os
+import time
+
+import numpy as np
+import torch
+
+import world
+import model as M
+import rewards as R
+import evaluate
+from pretrain import eval_prompts
+from kernels.loss import velocity_loss
+from common import setup_dist, all_sum, atomic_write, Logger, parse_args
+
+defaults = dict(
+    ckpt="data/base", prompts="data/mmgw.jsonl", out="runs/rwr", seed=0,
+    # weakness mining
+    mine=False, candidates=40, K=8, keep_lo=0.25, keep_hi=0.75,
+    # rollouts and rewards
+    n_prompts=48, N=8, reward="vqa_self", qwen="", temperature=1.0, max_think=64, gen_batch=64,
+    steps=25, cfg=4.0, shift=3.0,
+    # regression
+    weight_on="multimodal", baseline="none", beta=5.0, reject_at=0.5,
+    train_steps=150, batch=32, lr=5e-5, clip=1.0, t_shift=1.0,
+    # evaluation before / after on the held-out eval set
+    eval_n=10, eval_k=2, dtype="fp32",
+)
+@torch.no_grad()
+def rollouts(model, ae, specs, n, a, device, gen):
+    """n think-mode generations per spec: returns dict of lists (think tokens, switched, images)."""
+    jobs = [s for s in specs for _ in range(n)]
+    out = dict(spec=[], think=[], switched=[], image=[])
+    for i in range(0, len(jobs), a["gen_batch"]):
+        chunk = jobs[i:i + a["gen_batch"]]
+        g = M.generate(model, [world.encode(s["prompt"]) for s in chunk], mode="think", max_think=a["max_think"],
+                       temperature=a["temperature"], generator=gen, steps=a["steps"], cfg=a["cfg"], shift=a["shift"])
+        out["spec"] += chunk
+        out["think"] += g["think"]
+        out["switched"] += g["switched"].tolist()
+        out["image"] += list(ae.decode(g["z"], world.PALETTE).cpu().numpy())
+    return out
+
+
+def mine(model, ae, a, device):
+    """Weakness mining: candidates per tag (never eval prompts), K samples each, keep the prompts
+    whose exact-verifier success rate is within [keep_lo, keep_hi] (about half)."""
+    rng = np.random.default_rng(a["seed"])
+    banned = eval_prompts()                               # the same rule as pre-training
+    cands = []
+    for tag in world.TAGS:
+        seen = set()
+        for _ in range(50 * a["candidates"]):
+            s = world.sample_spec(tag, rng, holdout="any")
+            if s["prompt"] not in banned and s["prompt"] not in seen:
+                seen.add(s["prompt"]); cands.append(s)
+            if len(seen) == a["candidates"]:
+                break
+    gen = torch.Generator(device).manual_seed(a["seed"])
+    ro = rollouts(model, ae, cands, a["K"], a, device, gen)
+    ok = R.oracle_binary(ro["spec"], ro["image"]).reshape(len(cands), a["K"]).mean(1)
+    keep = [dict(s, base_success=float(p)) for s, p in zip(cands, ok) if a["keep_lo"] <= p <= a["keep_hi"]]
+    tags = sorted({s["tag"] for s in keep})
+    lines = [json.dumps(s) for s in keep]
+    atomic_write(a["prompts"], "\n".join(lines) + "\n")
+    print(f"mined {len(keep)} of {len(cands)} candidates (success in [{a['keep_lo']}, {a['keep_hi']}], "
+          f"K={a['K']}) over {len(tags)} tags {tags} -> {a['prompts']}")
+    per = {t: float(np.mean([p for s, p in zip(cands, ok) if s["tag"] == t])) for t in world.TAGS}
+    print("base success per tag on the candidates:", json.dumps({t: round(v, 3) for t, v in per.items()}))
+    return keep
+
+
+def main(argv=None):
+    a = parse_args(defaults, argv, __doc__)
+    rank, world_size, local, device = setup_dist()
+    torch.manual_seed(a["seed"] + rank)
+    policy, ae, meta = M.load_weights(a["ckpt"], device)
+    if policy is None:
+        raise ValueError(f"{a['ckpt']}.json is an autoencoder-only checkpoint; pass a UMM checkpoint with --ckpt")
+    ae.requires_grad_(False).eval()
+    if a["mine"]:
+        if rank == 0:
+            mine(policy, ae, a, device)
+        return
+    for k, ok in (("weight_on", ("multimodal", "image", "text")), ("baseline", ("none", "sft", "rejection")),
+                  ("reward", ("vqa_self", "vqa_qwen", "oracle_soft", "oracle_binary"))):
+        if a[k] not in ok:
+            raise ValueError(f"--{k} {a[k]!r}: use one of {ok}")
+    specs = world.load_specs(a["prompts"])[:a["n_prompts"]]
+    log = Logger(a["out"], rank)
+    if rank == 0:
+        atomic_write(os.path.join(a["out"], "config.json"), json.dumps(a, indent=1))
+    eval_specs = evaluate.pick(world.load_specs("data/eval.jsonl"), a["eval_n"])
+    ea = dict(evaluate.defaults, k=a["eval_k"], modes="think", seed=a["seed"])
+
+    # ---- before: the base on the held-out eval set
+    if rank == 0:
+        before = evaluate.evaluate(policy, ae, eval_specs, ea, device, os.path.join(a["out"], "before"), log=lambda *_: None)
+        log.log(dict(phase="before", gen_think=before["gen_think"], und=before["und"]),
+                f"before: gen_think {before['gen_think']:.3f} und {before['und']:.3f}")
+
+    # ---- 1. rollouts: this rank's share of the prompts, N each, think mode (the model switches itself)
+    t0 = time.time()
+    mine_specs = specs[rank::world_size]
+    gen = torch.Generator(device).manual_seed(1000 + a["seed"] * world_size + rank)
+    ro = rollouts(policy, ae, mine_specs, a["N"], a, device, gen)
+    n_ro = len(ro["spec"])
+    ro_per_s = all_sum(n_ro).item() / (time.time() - t0)
+
+    # ---- 2. rewards r in [0, 1], one convention: reward(specs, images)
+    if a["reward"] == "vqa_self":
+        reward = R.SelfVQA(policy, ae, device)          # a frozen copy: training never moves the judge
+    elif a["reward"] == "vqa_qwen":
+        reward = R.QwenVQA(a["qwen"], device)
+    else:
+        reward = getattr(R, a["reward"])
+    r = np.asarray(reward(ro["spec"], ro["image"]), np.float32)
+    oracle = R.oracle_binary(ro["spec"], ro["image"])
+    stats = R.reward_stats(r)
+    log.log(dict(phase="rollouts", n=n_ro, rollouts_per_s=ro_per_s, reward=stats, hist=R.histogram(r),
+                 oracle_success=float(oracle.mean()), switch_rate=float(np.mean(ro["switched"])),
+                 reward_vs_oracle_corr=float(np.corrcoef(r, oracle)[0, 1]) if oracle.std() > 0 and r.std() > 0 else None),
+            f"rollouts: {n_ro} in {time.time() - t0:.0f}s ({ro_per_s:.1f}/s) | reward mean {stats['mean']:.3f} "
+            f"bimodality {stats['bimodality']:.2f} | oracle success {oracle.mean():.3f}")
+
+    # ---- 3. weights: w = exp(beta * r) / mean  (sft: w = 1; rejection: w = 1[r >= reject_at])
+    if a["baseline"] == "sft":
+        w = np.ones_like(r)
+    elif a["baseline"] == "rejection":
+        w = (r >= a["reject_at"]).astype(np.float32)
+    else:
+        w = np.exp(a["beta"] * r)
+    w = w / max(all_sum(float(w.sum())).item() / max(all_sum(n_ro).item(), 1), 1e-8)
+    w_txt = w if a["weight_on"] in ("multimodal", "text") else np.zeros_like(w)
+    w_img = w if a["weight_on"] in ("multimodal", "image") else np.zeros_like(w)
+
+    # ---- 4. regression on the rollouts
+    policy.train()
+    raw = policy
+    if world_size > 1:
+        policy = torch.nn.parallel.DistributedDataParallel(policy, find_unused_parameters=True)
+    opt = torch.optim.AdamW(raw.parameters(), lr=a["lr"], betas=(0.9, 0.95), weight_decay=0.0)
+    z_all = ae.encode(torch.as_tensor(np.stack(ro["image"]), device=device))   # x0: the judged image, re-encoded
+    rng = np.random.default_rng(a["seed"] * world_size + rank)
+    per = a["batch"] // world_size
+    for step in range(a["train_steps"]):
+        idx = rng.choice(n_ro, per, replace=n_ro < per)
+        # flow matching on the rollout images:  x_t = (1 - t) x0 + t eps,  t = shift(sigmoid(randn))
+        x0 = z_all[torch.as_tensor(idx, device=device)]
+        eps = torch.randn_like(x0)
+        t = torch.sigmoid(torch.randn(len(idx), device=device))
+        t = a["t_shift"] * t / (1 + (a["t_shift"] - 1) * t)
+        x_t = (1 - t[:, None, None]) * x0 + t[:, None, None] * eps
+        samples = []
+        for i, j in enumerate(idx):
+            prompt = [M.BOS] + world.encode(ro["spec"][j]["prompt"]) + [M.THINK]
+            tau = ro["think"][j] if ro["switched"][j] else ro["think"][j] + [M.VS]   # a forced switch stays in
+            samples.append([("text", prompt, 0), ("text", tau, float(w_txt[j])), ("noise", x_t[i], float(t[i]))])
+        b = M.pack(samples, M.PAD, x0.shape[-1], device)
+        ce, v = M.token_losses(policy, b)
+        n_txt = all_sum((b["lw"] > 0).sum()).item()
+        loss_txt = (ce * b["lw"]).sum() / max(n_txt, 1) * world_size          # sum_i w_i CE_i / n_txt
+        wi = torch.as_tensor(w_img[idx], device=device, dtype=torch.float32)
+        # mean_i w_i ||v - (eps - x0_i)||^2: the fused Triton kernel on CUDA, its twin elsewhere
+        loss_img = velocity_loss(v.view_as(x0), eps, x0, w=wi)
+        loss = loss_txt + loss_img
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        gn = torch.nn.utils.clip_grad_norm_(raw.parameters(), a["clip"])
+        opt.step()
+        if step % 25 == 0 or step == a["train_steps"] - 1:
+            log.log(dict(phase="train", step=step, loss_txt=loss_txt.item() / world_size, loss_img=loss_img.item(),
+                         gnorm=gn.item()),
+                    f"step {step}/{a['train_steps']} text {loss_txt.item() / world_size:.4f} image {loss_img.item():.4f} gn {gn.item():.2f}")
+
+    # ---- after: the same eval, the run folder
+    if rank == 0:
+        raw.eval()
+        M.save_weights(os.path.join(a["out"], "ckpt"), raw, ae, dict(method="rwr", base=a["ckpt"], args=a))
+        after = evaluate.evaluate(raw, ae, eval_specs, ea, device, os.path.join(a["out"], "after"), log=lambda *_: None)
+        rows = [f"| {t} | {before['per_tag'][t]['gen_think']:.3f} | {after['per_tag'][t]['gen_think']:.3f} |"
+                for t in before["per_tag"]]
+        table = "\n".join(["| tag | before | after |", "|---|---|---|"] + rows +
+                          [f"| overall | {before['gen_think']:.3f} | {after['gen_think']:.3f} |",
+                           f"| understanding | {before['und']:.3f} | {after['und']:.3f} |"])
+        summary = dict(before=before["gen_think"], after=after["gen_think"], und_before=before["und"],
+                       und_after=after["und"], reward=stats, hist=R.histogram(r), rollouts_per_s=ro_per_s,
+                       per_tag={t: (before["per_tag"][t]["gen_think"], after["per_tag"][t]["gen_think"]) for t in before["per_tag"]})
+        atomic_write(os.path.join(a["out"], "summary.json"), json.dumps(summary, indent=1))
+        atomic_write(os.path.join(a["out"], "summary.md"), table + "\n")
+        log.log(dict(phase="after", gen_think=after["gen_think"], und=after["und"]), table)
+    if world_size > 1:
+        torch.distributed.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
