@@ -87,7 +87,8 @@ def mine(model, ae, a, device):
     atomic_write(a["prompts"], "\n".join(lines) + "\n")
     print(f"mined {len(keep)} of {len(cands)} candidates (success in [{a['keep_lo']}, {a['keep_hi']}], "
           f"K={a['K']}) over {len(tags)} tags {tags} -> {a['prompts']}")
-    per = {t: float(np.mean([p for s, p in zip(cands, ok) if s["tag"] == t])) for t in world.TAGS}
+    per = {t: float(np.mean([p for s, p in zip(cands, ok) if s["tag"] == t])) for t in world.TAGS
+           if any(s["tag"] == t for s in cands)}
     print("base success per tag on the candidates:", json.dumps({t: round(v, 3) for t, v in per.items()}))
     return keep
 

@@ -294,3 +294,27 @@ def test_missing_checkpoint_names_path_and_fix(tmp_path):
     import evaluate
     with pytest.raises(FileNotFoundError, match=r"nothere\.safetensors.*pretrain\.py"):
         evaluate.main(["--ckpt", str(tmp_path / "nothere")])
+
+
+# ----------------------------------------------------------------------------- methods, end to end (tiny)
+
+def test_rwr_mines_and_trains_end_to_end(tiny_ckpt, tmp_path):
+    """Weakness mining writes a prompt file; RWR runs rollouts, rewards, regression, before/after."""
+    import rwr
+    prompts = str(tmp_path / "mmgw.jsonl")
+    quick = ["--steps", "2", "--max_think", "6"]
+    rwr.main(["--mine", "--ckpt", tiny_ckpt, "--prompts", prompts, "--candidates", "1", "--K", "2",
+              "--keep_lo", "0", "--keep_hi", "1"] + quick)
+    import world
+    mined = world.load_specs(prompts)
+    assert len(mined) == 12 and all("base_success" in s for s in mined)
+    out = tmp_path / "run"
+    rwr.main(["--ckpt", tiny_ckpt, "--prompts", prompts, "--out", str(out), "--n_prompts", "3", "--N", "2",
+              "--train_steps", "2", "--batch", "4", "--eval_n", "1", "--eval_k", "1", "--reward", "oracle_soft"] + quick)
+    s = json.load(open(out / "summary.json"))
+    assert 0 <= s["before"] <= 1 and 0 <= s["after"] <= 1 and sum(s["hist"]) == 6
+    assert (out / "before" / "grid_think.png").exists() and (out / "after" / "grid_think.png").exists()
+    m0, _, _ = M.load_weights(tiny_ckpt)
+    m1, _, meta = M.load_weights(str(out / "ckpt"))
+    assert meta["method"] == "rwr"
+    assert any(not torch.equal(p0, p1) for p0, p1 in zip(m0.state_dict().values(), m1.state_dict().values()))
