@@ -114,7 +114,7 @@ class RMSNorm(nn.Module):
         self.w, self.eps = nn.Parameter(torch.ones(d)), eps
 
     def forward(self, x):
-        return F.rms_norm(x, (x.shape[-1],), self.w, self.eps)
+        return F.rms_norm(x, (x.shape[-1],), self.w.to(x.dtype), self.eps)  # same dtype: the fused kernel
 
 
 class Expert(nn.Module):
@@ -494,8 +494,9 @@ def decode_text(model, cache, logits, stop_ids, max_new, temperature=1.0, genera
         if not live.any():
             break
         tok = sample_token(logits, temperature, generator)
+        toks = tok.tolist()                                # one host copy per step, not one per row
         for i in live.nonzero().flatten().tolist():
-            out[i].append(int(tok[i]))
+            out[i].append(toks[i])
         logits = append_text(model, cache, tok[:, None], live)
         hit = live & torch.isin(tok, stop)
         stopped |= hit
@@ -521,10 +522,10 @@ def sample_image(model, cache, uncond=None, steps=25, cfg=4.0, cfg_interval=(0.0
     B = cache.pos.shape[0]
     dev = cache.pos.device
     x = torch.randn(B, c.n_img, c.latent_ch, device=dev, generator=generator) if x1 is None else x1.clone()
-    ts = shift_t(torch.linspace(1, 0, steps + 1, device=dev), shift)
+    ts = shift_t(torch.linspace(1, 0, steps + 1), shift).tolist()   # on the host: no sync per step
     for i in range(steps):
         t, dt = ts[i], ts[i] - ts[i + 1]
-        tt = torch.full((B, c.n_img), float(t), device=dev)
+        tt = torch.full((B, c.n_img), t, device=dev)
         b, _ = step_batch(cache, NOISE, c.n_img, B, dev, lat=x, t=tt, live=live, C=c.latent_ch)
         v = model.velocity(model(b, cache))
         if uncond is not None and cfg != 1.0 and cfg_interval[0] <= t <= cfg_interval[1]:

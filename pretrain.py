@@ -325,7 +325,9 @@ def main(argv=None):
         st = torch.load(state_path, map_location=device, weights_only=False)
         raw.load_state_dict(st["model"]); opt.load_state_dict(st["opt"]); ema = st["ema"]
         step = start = st["step"]
-        torch.set_rng_state(st["rng"])
+        a["steps"] = st.get("steps", a["steps"])        # the saved schedule (e.g. sized by --minutes)
+        a["minutes"] = 0.0
+        torch.set_rng_state(st["rng"].cpu())           # map_location moved it; the RNG state lives on the CPU
     n_params = sum(p.numel() for p in raw.parameters())
     log.log(dict(config=vars(cfg) if hasattr(cfg, "__dict__") else str(cfg), params=n_params, args=a),
             f"MoT {n_params / 1e6:.2f}M params, world {world_size}, device {device}, start step {step}")
@@ -342,7 +344,9 @@ def main(argv=None):
     while step < a["steps"]:
         # LR: linear warmup, constant, linear cooldown over the last `cooldown` fraction (WSD)
         frac = step / a["steps"]
-        lr = a["lr"] * min(1, (step + 1) / a["warmup"]) * min(1, (1 - frac) / a["cooldown"]) if a["cooldown"] else a["lr"]
+        warm = min(1, (step + 1) / a["warmup"])
+        cool = min(1, (1 - frac) / a["cooldown"]) if a["cooldown"] else 1
+        lr = a["lr"] * warm * cool
         for gp in opt.param_groups:
             gp["lr"] = lr
         t_wait = time.time()
@@ -388,7 +392,7 @@ def main(argv=None):
                     m = (b["lw"] > 0) & rows[:, None]
                     if m.any():
                         last.setdefault(task, []).append(ce[m].mean().item())
-                last.setdefault("img", []).append(loss_img.item() / world_size)
+                last.setdefault("img", []).append(all_sum(loss_img.detach()).item() / world_size)
         if step % a["log_every"] == 0 or step == a["steps"]:
             el = time.time() - t0
             tps = tok_count * world_size / el
@@ -435,7 +439,7 @@ def save(raw, ae, ema, opt, step, a, cfg):
     ema_model = M.MoT(cfg)
     ema_model.load_state_dict({k: v for k, v in ema.items()})
     M.save_weights(os.path.join(a["out"], "ckpt"), ema_model, ae, dict(stage="umm", step=step, args=a))
-    atomic_torch_save(dict(model=raw.state_dict(), ema=ema, opt=opt.state_dict(), step=step,
+    atomic_torch_save(dict(model=raw.state_dict(), ema=ema, opt=opt.state_dict(), step=step, steps=a["steps"],
                            rng=torch.get_rng_state()), os.path.join(a["out"], "state.pt"))
 
 

@@ -23,6 +23,7 @@ verifier), spread over the tags, so the regression has both successes and failur
 import json
 import os
 import time
+from itertools import zip_longest
 
 import numpy as np
 import torch
@@ -109,7 +110,11 @@ def main(argv=None):
                   ("reward", ("vqa_self", "vqa_qwen", "oracle_soft", "oracle_binary"))):
         if a[k] not in ok:
             raise ValueError(f"--{k} {a[k]!r}: use one of {ok}")
-    specs = world.load_specs(a["prompts"])[:a["n_prompts"]]
+    # round-robin over tags before truncating: a mined file lists its prompts tag by tag
+    by_tag = {}
+    for s in world.load_specs(a["prompts"]):
+        by_tag.setdefault(s["tag"], []).append(s)
+    specs = [s for group in zip_longest(*by_tag.values()) for s in group if s is not None][:a["n_prompts"]]
     log = Logger(a["out"], rank)
     if rank == 0:
         atomic_write(os.path.join(a["out"], "config.json"), json.dumps(a, indent=1))
@@ -166,6 +171,8 @@ def main(argv=None):
     z_all = ae.encode(torch.as_tensor(np.stack(ro["image"]), device=device))   # x0: the judged image, re-encoded
     rng = np.random.default_rng(a["seed"] * world_size + rank)
     per = a["batch"] // world_size
+    assert per * world_size == a["batch"], "--batch must be divisible by the number of processes"
+    amp = torch.autocast(device.split(":")[0], dtype=torch.bfloat16, enabled=a["dtype"] == "bf16")
     for step in range(a["train_steps"]):
         idx = rng.choice(n_ro, per, replace=n_ro < per)
         # flow matching on the rollout images:  x_t = (1 - t) x0 + t eps,  t = shift(sigmoid(randn))
@@ -174,13 +181,17 @@ def main(argv=None):
         t = torch.sigmoid(torch.randn(len(idx), device=device))
         t = a["t_shift"] * t / (1 + (a["t_shift"] - 1) * t)
         x_t = (1 - t[:, None, None]) * x0 + t[:, None, None] * eps
+        x_t_cpu, t_list = x_t.cpu(), t.tolist()                  # one copy each, not one per sample
         samples = []
         for i, j in enumerate(idx):
             prompt = [M.BOS] + world.encode(ro["spec"][j]["prompt"]) + [M.THINK]
-            tau = ro["think"][j] if ro["switched"][j] else ro["think"][j] + [M.VS]   # a forced switch stays in
-            samples.append([("text", prompt, 0), ("text", tau, float(w_txt[j])), ("noise", x_t[i], float(t[i]))])
+            # a forced switch (the row hit <eos> or max_think) stays in the context with no loss on it
+            forced = [] if ro["switched"][j] else [("text", [M.VS], 0)]
+            samples.append([("text", prompt, 0), ("text", ro["think"][j], float(w_txt[j]))] + forced +
+                           [("noise", x_t_cpu[i], t_list[i])])
         b = M.pack(samples, M.PAD, x0.shape[-1], device)
-        ce, v = M.token_losses(policy, b)
+        with amp:
+            ce, v = M.token_losses(policy, b)
         n_txt = all_sum((b["lw"] > 0).sum()).item()
         loss_txt = (ce * b["lw"]).sum() / max(n_txt, 1) * world_size          # sum_i w_i CE_i / n_txt
         wi = torch.as_tensor(w_img[idx], device=device, dtype=torch.float32)
