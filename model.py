@@ -391,12 +391,6 @@ class Cache:
     def append_meta(self, new):
         self.meta = self.cat_meta(new)
 
-    def clone(self):
-        c = Cache(0, 1, "cpu")
-        c.kv = list(self.kv)                              # tensors are replaced, never mutated
-        c.meta, c.pos, c.next_idx, c.next_split = self.meta, self.pos.clone(), self.next_idx, self.next_split
-        return c
-
 
 def step_batch(cache, kind, n, B, device, ids=None, lat=None, t=None, live=None, C=32):
     """Inputs for n new tokens per row continuing `cache`. live [B] bool: rows whose tokens are

@@ -196,7 +196,7 @@ def to_device(b, ae, device):
         x0 = z[b["slot"][img], b["ipos"][img]]
         b["lat"][img] = x0
         nz = b["kind"] == M.NOISE
-        x0n = z[b["slot"][nz], b["ipos"][nz]]
+        x0n = b["lat"][nz]                                      # just filled: the clean latents
         eps = b["eps_img"][b["slot"][nz], b["ipos"][nz]]
         t = b["t"][nz][:, None]
         b["lat"][nz] = (1 - t) * x0n + t * eps                 # the target is u = eps - x0
