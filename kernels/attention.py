@@ -140,10 +140,10 @@ def _fwd_tile(acc, m_i, l_i, q, Kb, Vb, skl, svl, Mb, smf, L, n_tile, offs_d,
 
 
 @triton.jit
-def _attn_fwd_kernel(Q, K, V, O, LSE, META, KV_IDX, KV_CNT, qk_scale, L, H, n_mt, n_nt,
+def _attn_fwd_kernel(Q, K, V, O, O32, LSE, META, KV_IDX, KV_CNT, qk_scale, L, H, n_mt, n_nt,
                      sqb, sqh, sql, skb, skh, skl, svb, svh, svl, sob, soh, sol, smf, smb,
                      REP: tl.constexpr, D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
-                     UPCAST: tl.constexpr, PREC: tl.constexpr):
+                     UPCAST: tl.constexpr, PREC: tl.constexpr, KEEP32: tl.constexpr):
     pid_m = tl.num_programs(0) - 1 - tl.program_id(0)   # late (long-context) q-tiles first
     bh = tl.program_id(1)
     b = (bh // H).to(tl.int64)
@@ -180,6 +180,9 @@ def _attn_fwd_kernel(Q, K, V, O, LSE, META, KV_IDX, KV_CNT, qk_scale, L, H, n_mt
     lse = tl.where(has, m_i + tl.math.log2(tl.where(has, l_i, 1.0)), float("inf"))
     tl.store(O + b * sob + h * soh + offs_m[:, None] * sol + offs_d[None, :],
              o.to(O.dtype.element_ty), mask=m_ok[:, None])
+    if KEEP32:   # bf16/fp16 inputs: o also in fp32 (same strides) for the backward's delta
+        tl.store(O32 + b * sob + h * soh + offs_m[:, None] * sol + offs_d[None, :],
+                 o, mask=m_ok[:, None])
     tl.store(LSE + (b * H + h) * L + offs_m, lse, mask=m_ok)
 
 
@@ -415,16 +418,21 @@ def flash_attention_fwd(q, k, v, meta, scale):
     cfg = (CONFIGS or _configs(D, q.dtype))["fwd"]
     BM, BN, nw, ns = cfg
     m32, (kv_idx, kv_cnt) = _plan(meta, BM, BN, False)
-    o = torch.empty_like(q)
+    o = torch.empty(B, H, L, D, device=q.device, dtype=q.dtype)
+    # The backward's delta = rowsum(o * do) from a bf16-rounded o costs dq/dk the Liger bf16
+    # tolerance on ~0.1% of entries (measured); keeping o in fp32 for the backward fixes it for
+    # one extra write of o (the forward is compute-bound at the shapes that matter).
+    o32 = o if q.dtype == torch.float32 else torch.empty(B, H, L, D, device=q.device, dtype=torch.float32)
     lse = torch.empty(B, H, L, device=q.device, dtype=torch.float32)
     prec, upcast = _prec_upcast(q.dtype)
     n_mt, n_nt = triton.cdiv(L, BM), triton.cdiv(L, BN)
     _attn_fwd_kernel[(n_mt, B * H)](
-        q, k, v, o, lse, m32, kv_idx, kv_cnt, scale * LOG2E, L, H, n_mt, n_nt,
+        q, k, v, o, o32, lse, m32, kv_idx, kv_cnt, scale * LOG2E, L, H, n_mt, n_nt,
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *o.stride()[:3],
         m32.stride(0), m32.stride(1),
-        REP=H // HKV, D=D, BM=BM, BN=BN, UPCAST=upcast, PREC=prec, num_warps=nw, num_stages=ns)
-    return o, lse
+        REP=H // HKV, D=D, BM=BM, BN=BN, UPCAST=upcast, PREC=prec, KEEP32=o32 is not o,
+        num_warps=nw, num_stages=ns)
+    return o, o32, lse
 
 
 def flash_attention_bwd(q, k, v, o, lse, do, meta, scale):
@@ -463,8 +471,8 @@ LOG2E = 1.4426950408889634
 class FlashAttentionFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, meta, scale):
-        o, lse = flash_attention_fwd(q, k, v, meta, scale)
-        ctx.save_for_backward(q, k, v, o, lse)
+        o, o32, lse = flash_attention_fwd(q, k, v, meta, scale)
+        ctx.save_for_backward(q, k, v, o32, lse)
         ctx.meta, ctx.scale = meta, scale
         return o
 
