@@ -7,6 +7,10 @@ Generation with Weakness-Targeted Post-Training"), one file, one loop.
   python rwr.py --weight_on image | text                 # which loss the reward weights
   python rwr.py --reward oracle_soft | oracle_binary | vqa_qwen --qwen /path/to/Qwen2.5-VL
   python rwr.py --baseline sft | rejection               # w = 1 / keep only r >= --reject_at
+  python rwr.py --prompts random                         # the control: randomly drawn prompts
+  python rwr.py --reuse runs/rwr/s0_multimodal --weight_on image --out runs/rwr/s0_image
+                                                         # same rollouts (and before-eval), other weighting
+  python rwr.py --report runs/rwr                        # table over runs/rwr/*: median and spread over seeds
 
 The method (offline, one round, as in the paper):
   1. rollouts   for every prompt c, N unified generations in think mode: the model writes its
@@ -34,12 +38,12 @@ import rewards as R
 import evaluate
 from pretrain import eval_prompts
 from kernels.loss import velocity_loss
-from common import setup_dist, all_sum, atomic_write, Logger, parse_args
+from common import setup_dist, all_sum, atomic_torch_save, atomic_write, Logger, parse_args
 
 defaults = dict(
     ckpt="data/base", prompts="data/mmgw.jsonl", out="runs/rwr", seed=0,
     # weakness mining
-    mine=False, candidates=40, K=8, keep_lo=0.25, keep_hi=0.75,
+    mine=False, candidates=40, K=8, keep_lo=0.25, keep_hi=0.75, reuse="", report="",
     # rollouts and rewards
     n_prompts=48, N=8, reward="vqa_self", qwen="", temperature=1.0, max_think=64, gen_batch=64,
     steps=25, cfg=4.0, shift=3.0,
@@ -65,20 +69,26 @@ def rollouts(model, ae, specs, n, a, device, gen):
     return out
 
 
-def mine(model, ae, a, device):
-    """Weakness mining: candidates per tag (never eval prompts), K samples each, keep the prompts
-    whose exact-verifier success rate is within [keep_lo, keep_hi] (about half)."""
-    rng = np.random.default_rng(a["seed"])
-    banned = eval_prompts()                               # the same rule as pre-training
+def candidates(per_tag, rng):
+    """Up to per_tag distinct prompts of every tag, never an eval prompt (the pre-training rule),
+    listed tag by tag."""
+    banned = eval_prompts()
     cands = []
     for tag in world.TAGS:
         seen = set()
-        for _ in range(50 * a["candidates"]):
+        for _ in range(50 * per_tag):
             s = world.sample_spec(tag, rng, holdout="any")
             if s["prompt"] not in banned and s["prompt"] not in seen:
                 seen.add(s["prompt"]); cands.append(s)
-            if len(seen) == a["candidates"]:
+            if len(seen) == per_tag:
                 break
+    return cands
+
+
+def mine(model, ae, a, device):
+    """Weakness mining: candidates per tag (never eval prompts), K samples each, keep the prompts
+    whose exact-verifier success rate is within [keep_lo, keep_hi] (about half)."""
+    cands = candidates(a["candidates"], np.random.default_rng(a["seed"]))
     gen = torch.Generator(device).manual_seed(a["seed"])
     ro = rollouts(model, ae, cands, a["K"], a, device, gen)
     ok = R.oracle_binary(ro["spec"], ro["image"]).reshape(len(cands), a["K"]).mean(1)
@@ -94,8 +104,44 @@ def mine(model, ae, a, device):
     return keep
 
 
+def report(root):
+    """Median and spread (max - min) over seeds of every variant under root/*/summary.json, per
+    tag and overall; the base row pools every run's before-eval. Writes root/report.md."""
+    runs = []
+    for d in sorted(os.listdir(root)):
+        f = os.path.join(root, d, "summary.json")
+        if os.path.exists(f):
+            s = json.load(open(f))
+            c = json.load(open(os.path.join(root, d, "config.json")))
+            how = c["baseline"] if c["baseline"] != "none" else f"RWR {c['weight_on']}"
+            label = f"{how} ({c['reward']}, {os.path.basename(c['prompts'])})"
+            runs.append((label, c["seed"], s))
+    if not runs:
+        raise FileNotFoundError(f"{root}: no */summary.json; run rwr.py with --out {root}/NAME first")
+    tags = list(runs[0][2]["per_tag"])
+    rows = {"base": {}}
+    for label, seed, s in runs:     # one base value per seed (its before-eval), then each variant
+        rows["base"].setdefault(seed, dict({t: v[0] for t, v in s["per_tag"].items()}, overall=s["before"], und=s["und_before"]))
+        rows.setdefault(label, {})[seed] = dict({t: v[1] for t, v in s["per_tag"].items()}, overall=s["after"], und=s["und_after"])
+    cols = tags + ["overall", "und"]
+    fmt = lambda v: f"{np.median(v):.3f} ± {(max(v) - min(v)) / 2:.3f}"  # noqa: E731
+    lines = ["| variant | seeds | " + " | ".join(cols) + " |", "|---" * (len(cols) + 2) + "|"]
+    for label, by_seed in rows.items():
+        lines.append(f"| {label} | {len(by_seed)} | " + " | ".join(fmt([r[c] for r in by_seed.values()]) for c in cols) + " |")
+    lines += ["", "median over seeds ± half the range; gen accuracy in think mode, und = yes/no VQA on the same prompts", "",
+              "| run | reward mean | bimodality | histogram (10 bins over [0, 1]) |", "|---|---|---|---|"]
+    lines += [f"| {label} s{seed} | {s['reward']['mean']:.3f} | {s['reward']['bimodality']:.2f} | {s['hist']} |"
+              for label, seed, s in runs]
+    text = "\n".join(lines) + "\n"
+    atomic_write(os.path.join(root, "report.md"), text)
+    print(text)
+    return rows
+
+
 def main(argv=None):
     a = parse_args(defaults, argv, __doc__)
+    if a["report"]:
+        return report(a["report"])
     rank, world_size, local, device = setup_dist()
     torch.manual_seed(a["seed"] + rank)
     policy, ae, meta = M.load_weights(a["ckpt"], device)
@@ -112,7 +158,10 @@ def main(argv=None):
             raise ValueError(f"--{k} {a[k]!r}: use one of {ok}")
     # round-robin over tags before truncating: a mined file lists its prompts tag by tag
     by_tag = {}
-    for s in world.load_specs(a["prompts"]):
+    # --prompts random: the control for mining, prompts drawn at random (same pool as the miner's)
+    pool = candidates(a["n_prompts"], np.random.default_rng(10_000 + a["seed"])) if a["prompts"] == "random" \
+        else world.load_specs(a["prompts"])
+    for s in pool:
         by_tag.setdefault(s["tag"], []).append(s)
     specs = [s for group in zip_longest(*by_tag.values()) for s in group if s is not None][:a["n_prompts"]]
     log = Logger(a["out"], rank)
@@ -121,28 +170,51 @@ def main(argv=None):
     eval_specs = evaluate.pick(world.load_specs("data/eval.jsonl"), a["eval_n"])
     ea = dict(evaluate.defaults, k=a["eval_k"], modes="think", seed=a["seed"])
 
+    # --reuse DIR: the rollouts (and before-eval) of an earlier run with the same base, prompts,
+    # seed and process count, so variants that differ only in the weighting see the same data
+    ro_file = lambda d: os.path.join(d, f"rollouts.rank{rank}.pt")  # noqa: E731
+    if a["reuse"]:
+        if not os.path.exists(ro_file(a["reuse"])):
+            raise FileNotFoundError(f"{ro_file(a['reuse'])}: no saved rollouts; --reuse needs the folder of an "
+                                    f"earlier rwr.py run with the same number of processes")
+        saved = torch.load(ro_file(a["reuse"]), weights_only=False)
+        for k in ("ckpt", "prompts", "n_prompts", "N", "seed"):
+            if saved["args"][k] != a[k]:
+                raise ValueError(f"--reuse {a['reuse']}: it was made with --{k} {saved['args'][k]}, this run has "
+                                 f"--{k} {a[k]}; pass the same value or drop --reuse")
+
     # ---- before: the base on the held-out eval set
     if rank == 0:
-        before = evaluate.evaluate(policy, ae, eval_specs, ea, device, os.path.join(a["out"], "before"), log=lambda *_: None)
+        before = saved["before"] if a["reuse"] else \
+            evaluate.evaluate(policy, ae, eval_specs, ea, device, os.path.join(a["out"], "before"), log=lambda *_: None)
         log.log(dict(phase="before", gen_think=before["gen_think"], und=before["und"]),
                 f"before: gen_think {before['gen_think']:.3f} und {before['und']:.3f}")
 
     # ---- 1. rollouts: this rank's share of the prompts, N each, think mode (the model switches itself)
     t0 = time.time()
-    mine_specs = specs[rank::world_size]
-    gen = torch.Generator(device).manual_seed(1000 + a["seed"] * world_size + rank)
-    ro = rollouts(policy, ae, mine_specs, a["N"], a, device, gen)
+    if a["reuse"]:
+        ro, ro_per_s = saved["ro"], saved["rollouts_per_s"]
+    else:
+        mine_specs = specs[rank::world_size]
+        gen = torch.Generator(device).manual_seed(1000 + a["seed"] * world_size + rank)
+        ro = rollouts(policy, ae, mine_specs, a["N"], a, device, gen)
+        ro_per_s = all_sum(len(ro["spec"])).item() / (time.time() - t0)
     n_ro = len(ro["spec"])
-    ro_per_s = all_sum(n_ro).item() / (time.time() - t0)
 
     # ---- 2. rewards r in [0, 1], one convention: reward(specs, images)
-    if a["reward"] == "vqa_self":
-        reward = R.SelfVQA(policy, ae, device)          # a frozen copy: training never moves the judge
-    elif a["reward"] == "vqa_qwen":
-        reward = R.QwenVQA(a["qwen"], device)
+    if a["reuse"] and saved["args"]["reward"] == a["reward"]:
+        r = saved["r"]
     else:
-        reward = getattr(R, a["reward"])
-    r = np.asarray(reward(ro["spec"], ro["image"]), np.float32)
+        if a["reward"] == "vqa_self":
+            reward = R.SelfVQA(policy, ae, device)          # a frozen copy: training never moves the judge
+        elif a["reward"] == "vqa_qwen":
+            reward = R.QwenVQA(a["qwen"], device)
+        else:
+            reward = getattr(R, a["reward"])
+        r = np.asarray(reward(ro["spec"], ro["image"]), np.float32)
+    os.makedirs(a["out"], exist_ok=True)
+    atomic_torch_save(dict(args=a, ro=ro, r=r, rollouts_per_s=ro_per_s, before=before if rank == 0 else None),
+                      ro_file(a["out"]))
     oracle = R.oracle_binary(ro["spec"], ro["image"])
     stats = R.reward_stats(r)
     log.log(dict(phase="rollouts", n=n_ro, rollouts_per_s=ro_per_s, reward=stats, hist=R.histogram(r),

@@ -318,3 +318,18 @@ def test_rwr_mines_and_trains_end_to_end(tiny_ckpt, tmp_path):
     m1, _, meta = M.load_weights(str(out / "ckpt"))
     assert meta["method"] == "rwr"
     assert any(not torch.equal(p0, p1) for p0, p1 in zip(m0.state_dict().values(), m1.state_dict().values()))
+    # a variant on the same rollouts (--reuse): same rewards and before-eval, its own weighting
+    args = ["--ckpt", tiny_ckpt, "--prompts", prompts, "--n_prompts", "3", "--N", "2", "--train_steps", "2",
+            "--batch", "4", "--eval_n", "1", "--eval_k", "1", "--reward", "oracle_soft"] + quick
+    rwr.main(args + ["--out", str(tmp_path / "img"), "--reuse", str(out), "--weight_on", "image"])
+    s2 = json.load(open(tmp_path / "img" / "summary.json"))
+    assert s2["hist"] == s["hist"] and s2["before"] == s["before"]
+    with pytest.raises(ValueError, match="--N 2.*--N 3"):
+        rwr.main(args[:6] + ["--N", "3"] + args[8:] + ["--out", str(tmp_path / "x"), "--reuse", str(out)])
+    # the control: randomly drawn prompts; then the report over the three runs
+    rwr.main(["--ckpt", tiny_ckpt, "--prompts", "random"] + args[4:] + ["--out", str(tmp_path / "rand")])
+    assert json.load(open(tmp_path / "rand" / "config.json"))["prompts"] == "random"
+    rows = rwr.main(["--report", str(tmp_path)])
+    assert set(rows) == {"base", "RWR multimodal (oracle_soft, mmgw.jsonl)", "RWR image (oracle_soft, mmgw.jsonl)",
+                         "RWR multimodal (oracle_soft, random)"}
+    assert (tmp_path / "report.md").exists()
