@@ -412,7 +412,7 @@ def _last_contig(t):
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
-def flash_attention_fwd(q, k, v, meta, scale):
+def flash_attention_fwd(q, k, v, meta, scale, keep32=False):
     B, H, L, D = q.shape
     HKV = k.shape[1]
     cfg = (CONFIGS or _configs(D, q.dtype))["fwd"]
@@ -421,8 +421,8 @@ def flash_attention_fwd(q, k, v, meta, scale):
     o = torch.empty(B, H, L, D, device=q.device, dtype=q.dtype)
     # The backward's delta = rowsum(o * do) from a bf16-rounded o costs dq/dk the Liger bf16
     # tolerance on ~0.1% of entries (measured); keeping o in fp32 for the backward fixes it for
-    # one extra write of o (the forward is compute-bound at the shapes that matter).
-    o32 = o if q.dtype == torch.float32 else torch.empty(B, H, L, D, device=q.device, dtype=torch.float32)
+    # one extra write of o, paid only when a backward will follow (keep32), not when sampling.
+    o32 = torch.empty(B, H, L, D, device=q.device, dtype=torch.float32) if keep32 and q.dtype != torch.float32 else o
     lse = torch.empty(B, H, L, device=q.device, dtype=torch.float32)
     prec, upcast = _prec_upcast(q.dtype)
     n_mt, n_nt = triton.cdiv(L, BM), triton.cdiv(L, BN)
@@ -470,8 +470,8 @@ LOG2E = 1.4426950408889634
 
 class FlashAttentionFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, meta, scale):
-        o, o32, lse = flash_attention_fwd(q, k, v, meta, scale)
+    def forward(ctx, q, k, v, meta, scale, keep32):
+        o, o32, lse = flash_attention_fwd(q, k, v, meta, scale, keep32)
         ctx.save_for_backward(q, k, v, o32, lse)
         ctx.meta, ctx.scale = meta, scale
         return o
@@ -480,7 +480,7 @@ class FlashAttentionFunction(torch.autograd.Function):
     def backward(ctx, do):
         q, k, v, o, lse = ctx.saved_tensors
         dq, dk, dv = flash_attention_bwd(q, k, v, o, lse, do, ctx.meta, ctx.scale)
-        return dq, dk, dv, None, None
+        return dq, dk, dv, None, None, None
 
 
 @torch.compiler.disable
@@ -494,7 +494,8 @@ def _flash_attention(q, k, v, meta, scale):
     scale = D ** -0.5 if scale is None else float(scale)
     k, v = k.to(q.dtype), v.to(q.dtype)              # no-op unless autocast mixed them
     q, k, v = _last_contig(q), _last_contig(k), _last_contig(v)
-    return FlashAttentionFunction.apply(q, k, v, meta, scale)
+    keep32 = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+    return FlashAttentionFunction.apply(q, k, v, meta, scale, keep32)
 
 
 def attention(q, k, v, meta, scale=None):
