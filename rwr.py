@@ -156,11 +156,11 @@ def main(argv=None):
                   ("reward", ("vqa_self", "vqa_qwen", "oracle_soft", "oracle_binary"))):
         if a[k] not in ok:
             raise ValueError(f"--{k} {a[k]!r}: use one of {ok}")
-    # round-robin over tags before truncating: a mined file lists its prompts tag by tag
-    by_tag = {}
     # --prompts random: the control for mining, prompts drawn at random (same pool as the miner's)
     pool = candidates(a["n_prompts"], np.random.default_rng(10_000 + a["seed"])) if a["prompts"] == "random" \
         else world.load_specs(a["prompts"])
+    # round-robin over tags before truncating: a mined file lists its prompts tag by tag
+    by_tag = {}
     for s in pool:
         by_tag.setdefault(s["tag"], []).append(s)
     specs = [s for group in zip_longest(*by_tag.values()) for s in group if s is not None][:a["n_prompts"]]
@@ -212,9 +212,10 @@ def main(argv=None):
         else:
             reward = getattr(R, a["reward"])
         r = np.asarray(reward(ro["spec"], ro["image"]), np.float32)
-    os.makedirs(a["out"], exist_ok=True)
-    atomic_torch_save(dict(args=a, ro=ro, r=r, rollouts_per_s=ro_per_s, before=before if rank == 0 else None),
-                      ro_file(a["out"]))
+    if not a["reuse"]:      # saved once, where they were made; variants point --reuse here
+        os.makedirs(a["out"], exist_ok=True)
+        atomic_torch_save(dict(args=a, ro=ro, r=r, rollouts_per_s=ro_per_s, before=before if rank == 0 else None),
+                          ro_file(a["out"]))
     oracle = R.oracle_binary(ro["spec"], ro["image"])
     stats = R.reward_stats(r)
     log.log(dict(phase="rollouts", n=n_ro, rollouts_per_s=ro_per_s, reward=stats, hist=R.histogram(r),
