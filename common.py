@@ -1,4 +1,5 @@
 """Plumbing shared by the scripts (not methods): distributed setup, atomic files, run folders."""
+import datetime
 import json
 import os
 import time
@@ -11,7 +12,9 @@ def setup_dist():
     """DDP is detected from torchrun's env. Returns (rank, world, local_rank, device)."""
     if "RANK" in os.environ and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         backend = "nccl" if torch.cuda.is_available() else "gloo"
-        dist.init_process_group(backend)
+        # a rank that waits longer than this in a collective raises instead of hanging (tests set it low)
+        timeout = datetime.timedelta(seconds=float(os.environ.get("NANOUMM_DIST_TIMEOUT_S", 1800)))
+        dist.init_process_group(backend, timeout=timeout)
         rank, world, local = dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0))
     else:
         rank, world, local = 0, 1, 0
