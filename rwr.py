@@ -270,15 +270,13 @@ def main(argv=None):
             prompt = [M.BOS] + world.encode(ro["spec"][j]["prompt"]) + [M.THINK]
             # a forced switch (the row hit <eos> or max_think) stays in the context with no loss on it
             forced = [] if ro["switched"][j] else [("text", [M.VS], 0)]
+            text, img = [("text", prompt, 0), ("text", ro["think"][j], float(w_txt[j]))], ("noise", x_t_cpu[i], t_list[i])
             if rng.random() < a["cfg_drop"]:
-                # CFG dropout, as in pre-training: the image is also learnt with no text (<bos> <|vision_start|>),
-                # so the unconditional branch of CFG follows the conditional one instead of being left behind
-                # (sampling then applies CFG to a conditional branch that already learnt guided samples)
-                samples += [[("text", prompt, 0), ("text", ro["think"][j], float(w_txt[j]))],
-                            [("text", [M.BOS, M.VS], 0), ("noise", x_t_cpu[i], t_list[i])]]
+                # CFG dropout, as in pre-training: the image is learnt with no text (<bos> <|vision_start|>),
+                # so CFG's unconditional branch follows the conditional one; the plan keeps its own row
+                samples += [text, [("text", [M.BOS, M.VS], 0), img]]
             else:
-                samples.append([("text", prompt, 0), ("text", ro["think"][j], float(w_txt[j]))] + forced +
-                               [("noise", x_t_cpu[i], t_list[i])])
+                samples.append(text + forced + [img])
         b = M.pack(samples, M.PAD, x0.shape[-1], device)
         with amp:
             ce, v = M.token_losses(policy, b)
