@@ -113,7 +113,7 @@ def mine(model, ae, a, device):
 
 
 def report(root):
-    """Median and spread (max - min) over seeds of every variant under root/*/summary.json, per
+    """Median and half-range over seeds of every variant under root/*/summary.json, per
     tag and overall; the base row pools every run's before-eval. Writes root/report.md."""
     runs = []
     for d in sorted(os.listdir(root)):
@@ -136,10 +136,23 @@ def report(root):
     lines = ["| variant | seeds | " + " | ".join(cols) + " |", "|---" * (len(cols) + 2) + "|"]
     for label, by_seed in rows.items():
         lines.append(f"| {label} | {len(by_seed)} | " + " | ".join(fmt([r[c] for r in by_seed.values()]) for c in cols) + " |")
-    lines += ["", "median over seeds ± half the range; gen accuracy in think mode, und = yes/no VQA on the same prompts", "",
-              "| run | reward mean | bimodality | histogram (10 bins over [0, 1]) |", "|---|---|---|---|"]
-    lines += [f"| {label} s{seed} | {s['reward']['mean']:.3f} | {s['reward']['bimodality']:.2f} | {s['hist']} |"
-              for label, seed, s in runs]
+    lines += ["", "median over seeds ± half the range; gen accuracy in think mode, und = yes/no VQA on the same prompts", ""]
+    # paired by seed: each run's before-eval and after-eval draw the same eval images, so the
+    # gain over the base of that seed is the less noisy number
+    seeds = sorted(rows["base"])
+    lines += ["| variant | " + " | ".join(f"s{k}" for k in seeds) + " | gain over base, per seed | median gain |",
+              "|---" * (len(seeds) + 3) + "|"]
+    for label, by_seed in rows.items():
+        gains = [by_seed[k]["overall"] - rows["base"][k]["overall"] for k in seeds if k in by_seed]
+        lines.append(f"| {label} | " + " | ".join(f"{by_seed[k]['overall']:.3f}" if k in by_seed else "" for k in seeds)
+                     + " | " + ("" if label == "base" else ", ".join(f"{g:+.3f}" for g in gains))
+                     + " | " + ("" if label == "base" else f"{np.median(gains):+.3f}") + " |")
+    lines += ["", "| run | reward mean | bimodality | histogram (10 bins over [0, 1]) |", "|---|---|---|---|"]
+    seen = set()      # variants trained on reused rollouts repeat their reward histogram: print it once
+    for label, seed, s in runs:
+        if (seed, tuple(s["hist"])) not in seen:
+            seen.add((seed, tuple(s["hist"])))
+            lines.append(f"| {label} s{seed} | {s['reward']['mean']:.3f} | {s['reward']['bimodality']:.2f} | {s['hist']} |")
     text = "\n".join(lines) + "\n"
     atomic_write(os.path.join(root, "report.md"), text)
     print(text)
