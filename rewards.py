@@ -12,6 +12,10 @@ signature, or a small object built once (it holds a model) whose __call__ has it
     SelfVQA(m, ae)   VQAScore from the unified model's own understanding (a frozen copy)
     QwenVQA(path)    VQAScore from a real Qwen2.5-VL loaded from a local folder (paper 000's
                      QwenVQAScore used Qwen2.5-VL-7B-Instruct)
+    SelfJudge(m, ae) SRUM's self-judgment (paper 001): the model's own global score g in [-1, 1],
+                     as a reward (g + 1) / 2; `.judge()` also scores each detected region
+    oracle_judge     the same two levels from the exact verifier (world.judge_scores): the
+                     ideal judge, the control for SelfJudge
 
 VQAScore (upstream t2v_metrics): ask `Does this figure show "{prompt}"? Please answer Yes or
 No.` about the image and take the softmax probability of the "Yes" token at the first answer
@@ -78,6 +82,80 @@ class SelfVQA:
             q = [world.encode(world.vqa_question(s["prompt"])) for s in specs[i:i + self.batch]]
             out += M.p_yes(self.model, z, q, self.yes_id).float().cpu().tolist()
         return np.array(out, np.float32)
+
+
+# ----------------------------------------------------------------------------- SRUM's judge
+
+def top_regions(img, k=5):
+    """The detector's boxes (world.detect, the analog of the paper's SAM proposals), largest k by area."""
+    return [o["box"] for o in sorted(world.detect(img), key=lambda o: -o["area"])[:k]]
+
+
+def oracle_judge(specs, images, k=5):
+    """The ideal judge: (g [N] in [-1, 1], [[(box, s_i)] per image]) from the exact verifier."""
+    out = [world.judge_scores(s, im) for s, im in zip(specs, as_images(images, len(specs)))]
+    return np.array([g for g, _ in out], np.float32), [regs[:k] for _, regs in out]
+
+
+class SelfJudge:
+    """SRUM's self-judgment (paper 001, tables 7-8 in the world's words: world.global_judge_prompt
+    and world.region_judge_prompt), asked of a frozen deep copy of the model (the judge never moves
+    with the policy). Pre-training taught the answer `score : x <eos>` with x on the grid
+    (-1, -0.5, 0, 0.5, 1) (world.SCORE_GRID). The paper parses the number its judge generates;
+    here the judge's log-likelihood of each of the 5 completions is computed in one packed
+    forward and the score is
+        score = sum_x softmax(log p(x))_x * x   (--judge_score mean: the expected score; continuous,
+                                                 the paper's judge writes continuous numbers)
+        score = argmax_x log p(x)               (mode: what greedy decoding of the grid answer reads)
+    judge(specs, images) -> (g [N], [[(box, s_i)] per image]) with the detector's top-k boxes;
+    __call__(specs, images) -> (g + 1) / 2, the shared reward convention (sample level)."""
+
+    def __init__(self, model, ae, device="cpu", batch=64, score="mean", k=5):
+        if score not in ("mean", "mode"):
+            raise ValueError(f"SelfJudge score={score!r}: use 'mean' or 'mode'")
+        model = getattr(model, "module", model)
+        self.model = copy.deepcopy(model).to(device).eval().requires_grad_(False)
+        self.ae = copy.deepcopy(ae).to(device).eval().requires_grad_(False)
+        self.device, self.batch, self.score, self.k = device, batch, score, k
+        self.grid = np.array(world.SCORE_GRID, np.float32)
+        self.answers = [world.encode(world.score_text(x)) + [M.EOS] for x in world.SCORE_GRID]
+
+    @torch.no_grad()
+    def scores(self, z, questions):
+        """z [Q, n_img, C] latents, questions: Q id lists -> Q scores in [-1, 1]."""
+        out = []
+        for i in range(0, len(questions), self.batch):
+            zs, qs = z[i:i + self.batch], questions[i:i + self.batch]
+            samples = [[("text", [M.BOS, M.VS], 0), ("clean", zs[j]), ("text", [M.VE] + list(q), 0), ("text", ans, 1.0)]
+                       for j, q in enumerate(qs) for ans in self.answers]
+            b = M.pack(samples, M.PAD, self.model.c.latent_ch, self.device)
+            lp = M.text_logprobs(self.model, b).sum(1).view(len(qs), len(self.answers)).float()
+            if self.score == "mode":
+                out += self.grid[lp.argmax(1).cpu().numpy()].tolist()
+            else:
+                out += (torch.softmax(lp, 1).cpu().numpy() @ self.grid).tolist()
+        return np.array(out, np.float32)
+
+    def judge(self, specs, images):
+        imgs = as_images(images, len(specs))
+        z = torch.cat([self.ae.encode(torch.as_tensor(imgs[i:i + 256], device=self.device))
+                       for i in range(0, len(imgs), 256)])
+        boxes = [top_regions(im, self.k) for im in imgs]
+        # one flat list of questions: the global one of every image, then each of its regions
+        qz, qs = [], []
+        for n, (s, bx) in enumerate(zip(specs, boxes)):
+            for q in [world.global_judge_prompt(s["prompt"])] + [world.region_judge_prompt(s["prompt"], b) for b in bx]:
+                qz.append(n); qs.append(world.encode(q))
+        sc = self.scores(z[torch.as_tensor(qz, device=self.device)], qs)
+        g, regions, at = np.zeros(len(specs), np.float32), [], 0
+        for n, bx in enumerate(boxes):
+            g[n] = sc[at]
+            regions.append([(b, float(x)) for b, x in zip(bx, sc[at + 1:at + 1 + len(bx)])])
+            at += 1 + len(bx)
+        return g, regions
+
+    def __call__(self, specs, images):
+        return (self.judge(specs, images)[0] + 1) / 2
 
 
 # ----------------------------------------------------------------------------- Qwen2.5-VL VQAScore

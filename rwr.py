@@ -33,7 +33,6 @@ verifier), spread over the tags, so the regression has both successes and failur
 import json
 import os
 import time
-from itertools import zip_longest
 
 import numpy as np
 import torch
@@ -42,7 +41,7 @@ import world
 import model as M
 import rewards as R
 import evaluate
-from pretrain import eval_prompts
+from evaluate import rollouts, candidates, prompt_set
 from kernels.loss import velocity_loss
 from common import setup_dist, all_sum, atomic_torch_save, atomic_write, Logger, parse_args
 
@@ -59,38 +58,6 @@ defaults = dict(
     # evaluation before / after on the held-out eval set
     eval_n=20, eval_k=2, dtype="fp32",
 )
-@torch.no_grad()
-def rollouts(model, ae, specs, n, a, device, gen):
-    """n think-mode generations per spec: returns dict of lists (think tokens, switched, images)."""
-    jobs = [s for s in specs for _ in range(n)]
-    out = dict(spec=[], think=[], switched=[], image=[])
-    for i in range(0, len(jobs), a["gen_batch"]):
-        chunk = jobs[i:i + a["gen_batch"]]
-        g = M.generate(model, [world.encode(s["prompt"]) for s in chunk], mode="think", max_think=a["max_think"],
-                       temperature=a["temperature"], generator=gen, steps=a["steps"], cfg=a["cfg"], shift=a["shift"])
-        out["spec"] += chunk
-        out["think"] += g["think"]
-        out["switched"] += g["switched"].tolist()
-        out["image"] += list(ae.decode(g["z"], world.PALETTE).cpu().numpy())
-    return out
-
-
-def candidates(per_tag, rng):
-    """Up to per_tag distinct prompts of every tag, never an eval prompt (the pre-training rule),
-    listed tag by tag."""
-    banned = eval_prompts()
-    cands = []
-    for tag in world.TAGS:
-        seen = set()
-        for _ in range(50 * per_tag):
-            s = world.sample_spec(tag, rng, holdout="any")
-            if s["prompt"] not in banned and s["prompt"] not in seen:
-                seen.add(s["prompt"]); cands.append(s)
-            if len(seen) == per_tag:
-                break
-    return cands
-
-
 def mine(model, ae, a, device):
     """Weakness mining: candidates per tag (never eval prompts), K samples each, keep the prompts
     whose exact-verifier success rate is within [keep_lo, keep_hi] (about half)."""
@@ -112,57 +79,16 @@ def mine(model, ae, a, device):
     return keep
 
 
-def report(root):
-    """Median and half-range over seeds of every variant under root/*/summary.json, per
-    tag and overall; the base row pools every run's before-eval. Writes root/report.md."""
-    runs = []
-    for d in sorted(os.listdir(root)):
-        f = os.path.join(root, d, "summary.json")
-        if os.path.exists(f):
-            s = json.load(open(f))
-            c = json.load(open(os.path.join(root, d, "config.json")))
-            how = c["baseline"] if c["baseline"] != "none" else f"RWR {c['weight_on']}"
-            label = f"{how} ({c['reward']}, {os.path.basename(c['prompts'])})"
-            runs.append((label, c["seed"], s))
-    if not runs:
-        raise FileNotFoundError(f"{root}: no */summary.json; run rwr.py with --out {root}/NAME first")
-    tags = list(runs[0][2]["per_tag"])
-    rows = {"base": {}}
-    for label, seed, s in runs:     # one base value per seed (its before-eval), then each variant
-        rows["base"].setdefault(seed, dict({t: v[0] for t, v in s["per_tag"].items()}, overall=s["before"], und=s["und_before"]))
-        rows.setdefault(label, {})[seed] = dict({t: v[1] for t, v in s["per_tag"].items()}, overall=s["after"], und=s["und_after"])
-    cols = tags + ["overall", "und"]
-    fmt = lambda v: f"{np.median(v):.3f} ± {(max(v) - min(v)) / 2:.3f}"  # noqa: E731
-    lines = ["| variant | seeds | " + " | ".join(cols) + " |", "|---" * (len(cols) + 2) + "|"]
-    for label, by_seed in rows.items():
-        lines.append(f"| {label} | {len(by_seed)} | " + " | ".join(fmt([r[c] for r in by_seed.values()]) for c in cols) + " |")
-    lines += ["", "median over seeds ± half the range; gen accuracy in think mode, und = yes/no VQA on the same prompts", ""]
-    # paired by seed: each run's before-eval and after-eval draw the same eval images, so the
-    # gain over the base of that seed is the less noisy number
-    seeds = sorted(rows["base"])
-    lines += ["| variant | " + " | ".join(f"s{k}" for k in seeds) + " | gain over base, per seed | median gain |",
-              "|---" * (len(seeds) + 3) + "|"]
-    for label, by_seed in rows.items():
-        gains = [by_seed[k]["overall"] - rows["base"][k]["overall"] for k in seeds if k in by_seed]
-        lines.append(f"| {label} | " + " | ".join(f"{by_seed[k]['overall']:.3f}" if k in by_seed else "" for k in seeds)
-                     + " | " + ("" if label == "base" else ", ".join(f"{g:+.3f}" for g in gains))
-                     + " | " + ("" if label == "base" else f"{np.median(gains):+.3f}") + " |")
-    lines += ["", "| run | reward mean | bimodality | histogram (10 bins over [0, 1]) |", "|---|---|---|---|"]
-    seen = set()      # variants trained on reused rollouts repeat their reward histogram: print it once
-    for label, seed, s in runs:
-        if (seed, tuple(s["hist"])) not in seen:
-            seen.add((seed, tuple(s["hist"])))
-            lines.append(f"| {label} s{seed} | {s['reward']['mean']:.3f} | {s['reward']['bimodality']:.2f} | {s['hist']} |")
-    text = "\n".join(lines) + "\n"
-    atomic_write(os.path.join(root, "report.md"), text)
-    print(text)
-    return rows
+def label(c):
+    """A run's row in the --report table, from its config.json."""
+    how = c["baseline"] if c["baseline"] != "none" else f"RWR {c['weight_on']}"
+    return f"{how} ({c['reward']}, {os.path.basename(c['prompts'])})"
 
 
 def main(argv=None):
     a = parse_args(defaults, argv, __doc__)
     if a["report"]:
-        return report(a["report"])
+        return evaluate.report(a["report"], label)
     rank, world_size, local, device = setup_dist()
     torch.manual_seed(a["seed"] + rank)
     policy, ae, meta = M.load_weights(a["ckpt"], device)
@@ -177,16 +103,10 @@ def main(argv=None):
                   ("reward", ("vqa_self", "vqa_qwen", "oracle_soft", "oracle_binary"))):
         if a[k] not in ok:
             raise ValueError(f"--{k} {a[k]!r}: use one of {ok}")
-    # --prompts random: the control for mining, prompts drawn at random (same pool as the miner's)
-    # --n_prompts 0: every prompt of the file; for random prompts, as many as the mined file holds
-    n = a["n_prompts"] or (len(world.load_specs(defaults["prompts"])) if a["prompts"] == "random" else 10 ** 9)
-    pool = candidates(n, np.random.default_rng(10_000 + a["seed"])) if a["prompts"] == "random" \
-        else world.load_specs(a["prompts"])
-    # round-robin over tags before truncating: a mined file lists its prompts tag by tag
-    by_tag = {}
-    for s in pool:
-        by_tag.setdefault(s["tag"], []).append(s)
-    specs = [s for group in zip_longest(*by_tag.values()) for s in group if s is not None][:n]
+    # --prompts random: the control for mining, prompts drawn at random (same pool as the miner's);
+    # --n_prompts 0: every prompt of the file, for random prompts as many as the mined file holds
+    specs = prompt_set(a["prompts"], a["n_prompts"] or (len(world.load_specs(defaults["prompts"]))
+                                                         if a["prompts"] == "random" else 0), a["seed"])
     log = Logger(a["out"], rank)
     if rank == 0:
         atomic_write(os.path.join(a["out"], "config.json"), json.dumps(a, indent=1))
@@ -196,15 +116,8 @@ def main(argv=None):
     # --reuse DIR: the rollouts (and before-eval) of an earlier run with the same base, prompts,
     # seed and process count, so variants that differ only in the weighting see the same data
     ro_file = lambda d: os.path.join(d, f"rollouts.rank{rank}.pt")  # noqa: E731
-    if a["reuse"]:
-        if not os.path.exists(ro_file(a["reuse"])):
-            raise FileNotFoundError(f"{ro_file(a['reuse'])}: no saved rollouts; --reuse needs the folder of an "
-                                    f"earlier rwr.py run with the same number of processes")
-        saved = torch.load(ro_file(a["reuse"]), weights_only=False)
-        for k in ("ckpt", "prompts", "n_prompts", "N", "seed"):
-            if saved["args"][k] != a[k]:
-                raise ValueError(f"--reuse {a['reuse']}: it was made with --{k} {saved['args'][k]}, this run has "
-                                 f"--{k} {a[k]}; pass the same value or drop --reuse")
+    keys = ("ckpt", "prompts", "n_prompts", "N", "seed")
+    saved = evaluate.load_reuse(ro_file(a["reuse"]), a, keys, "rwr.py") if a["reuse"] else None
 
     # ---- before: the base on the held-out eval set
     if rank == 0:
@@ -310,20 +223,8 @@ def main(argv=None):
 
     # ---- after: the same eval, the run folder
     if rank == 0:
-        raw.eval()
-        M.save_weights(os.path.join(a["out"], "ckpt"), raw, ae, dict(method="rwr", base=a["ckpt"], args=a))
-        after = evaluate.evaluate(raw, ae, eval_specs, ea, device, os.path.join(a["out"], "after"), log=lambda *_: None)
-        rows = [f"| {t} | {before['per_tag'][t]['gen_think']:.3f} | {after['per_tag'][t]['gen_think']:.3f} |"
-                for t in before["per_tag"]]
-        table = "\n".join(["| tag | before | after |", "|---|---|---|"] + rows +
-                          [f"| overall | {before['gen_think']:.3f} | {after['gen_think']:.3f} |",
-                           f"| understanding | {before['und']:.3f} | {after['und']:.3f} |"])
-        summary = dict(before=before["gen_think"], after=after["gen_think"], und_before=before["und"],
-                       und_after=after["und"], reward=stats, hist=R.histogram(r), rollouts_per_s=ro_per_s,
-                       per_tag={t: (before["per_tag"][t]["gen_think"], after["per_tag"][t]["gen_think"]) for t in before["per_tag"]})
-        atomic_write(os.path.join(a["out"], "summary.json"), json.dumps(summary, indent=1))
-        atomic_write(os.path.join(a["out"], "summary.md"), table + "\n")
-        log.log(dict(phase="after", gen_think=after["gen_think"], und=after["und"]), table)
+        evaluate.finish(raw, ae, before, eval_specs, ea, device, a, "rwr", log,
+                        reward=stats, hist=R.histogram(r), rollouts_per_s=ro_per_s)
     if world_size > 1:
         torch.distributed.destroy_process_group()
 

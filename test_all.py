@@ -351,3 +351,54 @@ def test_rwr_mines_and_trains_end_to_end(tiny_ckpt, tmp_path):
     assert set(rows) == {"base", "RWR multimodal (oracle_soft, mmgw.jsonl)", "RWR image (oracle_soft, mmgw.jsonl)",
                          "RWR multimodal (oracle_soft, random)"}
     assert (tmp_path / "report.md").exists()
+
+
+def test_srum_reward_map_rules():
+    """Step 4 of srum.py: the upstream map (background 0.5, boxes max((s+1)/2), times (g+1)/2),
+    the paper's Eq. 1 form, the ablations, and the area average onto the 4x4 token grid."""
+    import srum
+    a = dict(srum.defaults)
+    tok, pix = srum.reward_map(1.0, [((0, 0, 16, 16), 1.0)], a)       # a box that is exactly token 0
+    assert tok.shape == (16,) and abs(tok[0] - 1.0) < 1e-6 and np.allclose(tok[1:], 0.5)
+    tok, _ = srum.reward_map(0.0, [((0, 0, 16, 16), 1.0), ((0, 0, 16, 16), -1.0)], a)   # overlap: max; alpha 0.5
+    assert abs(tok[0] - 0.5) < 1e-6 and np.allclose(tok[1:], 0.25)
+    tok, _ = srum.reward_map(1.0, [((16, 16, 24, 24), 1.0)], a)       # an 8x8 box covers 1/4 of token 5
+    assert abs(tok[5] - (0.5 + 0.5 * 0.25)) < 1e-5 and np.allclose(np.delete(tok, 5), 0.5)
+    tok, _ = srum.reward_map(0.0, [((0, 0, 16, 16), 1.0)], dict(a, no_global=True))
+    assert abs(tok[0] - 1.0) < 1e-6 and np.allclose(tok[1:], 0.5)
+    tok, _ = srum.reward_map(0.3, [((0, 0, 16, 16), -0.2)], dict(a, binary=True))    # g -> 1, s -> -1
+    assert np.allclose(tok, 0.5)
+    tok, _ = srum.reward_map(-0.5, [((0, 0, 16, 16), 1.0)], dict(a, reward_level="sample"))
+    assert np.allclose(tok, 0.25)
+    tok, _ = srum.reward_map(1.0, [((0, 0, 16, 16), -1.0), ((0, 0, 16, 16), 0.5)], dict(a, reward_map="paper"))
+    assert abs(tok[0] + 1.0) < 1e-6 and np.allclose(tok[1:], 0.0)     # repulsion: the lowest, background 0
+
+
+def test_srum_end_to_end_reuse_ablations_and_report(tiny_ckpt, tmp_path):
+    """Candidates, self-judgment, reward maps, the weighted regression, before/after; the ablations
+    on the same candidates; the oracle judge re-judges them; the report; bad switches."""
+    import srum
+    args = ["--ckpt", tiny_ckpt, "--prompts", "random", "--n_prompts", "3", "--N", "2", "--train_steps", "2",
+            "--batch", "4", "--eval_n", "1", "--eval_k", "1", "--steps", "2", "--max_think", "6"]
+    out = tmp_path / "full"
+    srum.main(args + ["--out", str(out), "--cfg_drop", "0.5"])
+    s = json.load(open(out / "summary.json"))
+    assert 0 <= s["before"] <= 1 and 0 <= s["after"] <= 1 and sum(s["hist"]) == 6
+    assert (out / "reward_maps.png").exists() and (out / "after" / "grid_think.png").exists()
+    m0, _, _ = M.load_weights(tiny_ckpt)
+    m1, _, meta = M.load_weights(str(out / "ckpt"))
+    assert meta["method"] == "srum"
+    assert any(not torch.equal(p0, p1) for p0, p1 in zip(m0.state_dict().values(), m1.state_dict().values()))
+    srum.main(args + ["--out", str(tmp_path / "sft"), "--reuse", str(out), "--baseline", "sft"])
+    s2 = json.load(open(tmp_path / "sft" / "summary.json"))
+    assert s2["before"] == s["before"] and s2["hist"] == s["hist"] and s2["token_reward_mean"] == 1.0
+    srum.main(args + ["--out", str(tmp_path / "oracle"), "--reuse", str(out), "--judge", "oracle"])
+    s3 = json.load(open(tmp_path / "oracle" / "summary.json"))
+    assert s3["judge"]["g_vs_ideal"] in (None, 1.0) or abs(s3["judge"]["g_vs_ideal"] - 1) < 1e-6
+    rows = srum.main(["--report", str(tmp_path)])
+    assert set(rows) == {"base", "SRUM (judge self, map code, lambda_c 0.5)", "SFT (random)",
+                         "SRUM (judge oracle, map code, lambda_c 0.5)"}
+    with pytest.raises(ValueError, match="--reward_map 'eq1': use one of"):
+        srum.main(args + ["--out", str(tmp_path / "bad"), "--reward_map", "eq1"])
+    with pytest.raises(ValueError, match="--N 2.*--N 3"):
+        srum.main(args[:6] + ["--N", "3"] + args[8:] + ["--out", str(tmp_path / "x"), "--reuse", str(out)])

@@ -63,6 +63,55 @@ def test_self_vqa_matches_p_yes_and_is_frozen():
     np.testing.assert_array_equal(judge(specs, imgs), r)        # ... but not the frozen judge
 
 
+def test_self_judge_scores_each_region_batch_invariant_and_frozen():
+    """SRUM's judge: g and one s_i per detected box (top k by area), each the expected score over
+    the grid from the completions' likelihoods -- the same whatever the batching (padding)."""
+    torch.manual_seed(0)
+    model, ae = M.MoT(M.config_for(2, len(world.VOCAB))), M.PaletteAE()
+    torch.nn.init.normal_(model.lm_head.weight, std=0.5)       # a peaked answer distribution
+    specs, imgs, _ = specs_and_renders(["colors", "two_object", "counting", "single_object"])
+    judge = rewards.SelfJudge(model, ae, batch=3, k=2)
+    g, regions = judge.judge(specs, imgs)
+    assert g.shape == (4,) and ((g >= -1) & (g <= 1)).all()
+    assert [[b for b, _ in r] for r in regions] == [rewards.top_regions(im, 2) for im in imgs]
+    assert sum(map(len, regions)) > len(specs)                   # two_object/counting have 2 boxes
+    grid = np.array(world.SCORE_GRID)
+
+    def one(img, q):    # one query alone in its batch: log p of each completion, then the expected score
+        zz = ae.encode(torch.as_tensor(img[None]))[0]
+        lp = []
+        for x in world.SCORE_GRID:
+            ans = world.encode(world.score_text(x)) + [M.EOS]
+            b = M.pack([[("text", [M.BOS, M.VS], 0), ("clean", zz), ("text", [M.VE] + world.encode(q), 0), ("text", ans, 1.0)]],
+                       M.PAD, model.c.latent_ch)
+            with torch.no_grad():
+                lp.append(M.text_logprobs(model, b).sum().item())
+        return float(np.exp(lp - np.max(lp)) @ grid / np.exp(lp - np.max(lp)).sum())
+    assert abs(one(imgs[1], world.global_judge_prompt(specs[1]["prompt"])) - g[1]) < 1e-5
+    box, s1 = regions[1][1]
+    assert abs(one(imgs[1], world.region_judge_prompt(specs[1]["prompt"], box)) - s1) < 1e-5
+    gm, _ = rewards.SelfJudge(model, ae, score="mode").judge(specs, imgs)
+    assert set(gm.tolist()) <= set(world.SCORE_GRID)
+    r = judge(specs, imgs)
+    np.testing.assert_allclose(r, (g + 1) / 2, atol=1e-6)      # the shared convention: a reward in [0, 1]
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p))
+    np.testing.assert_array_equal(judge.judge(specs, imgs)[0], g)   # the frozen judge did not move
+    with pytest.raises(ValueError, match="'mean' or 'mode'"):
+        rewards.SelfJudge(model, ae, score="median")
+
+
+def test_oracle_judge_on_renders_and_negatives():
+    specs, imgs, rng = specs_and_renders(["two_object", "counting", "colors", "position", "color_attr"])
+    g, regions = rewards.oracle_judge(specs, imgs)
+    assert (g == 1).all() and all(s == 1 for r in regions for _, s in r)
+    neg = np.stack([world.negative(s, rng)[0] for s in specs])
+    gn, rn = rewards.oracle_judge(specs, neg)
+    assert (gn < 1).all() and ((gn >= -1) & (gn <= 1)).all()
+    assert all(len(r) <= 5 for r in rn)
+
+
 # ----------------------------------------------------------------------------- Qwen2.5-VL
 
 def build_tiny_qwen(path):

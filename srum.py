@@ -1,0 +1,257 @@
+"""
+SRUM: fine-grained self-rewarding for unified multimodal models (paper 001), one file, one loop.
+The model's understanding (a frozen copy) judges the model's own generations, globally and region
+by region, and the judgments weight the flow-matching loss token by token.
+
+  python srum.py                                         # defaults: self judge, code reward map, lambda_c 0.5
+  torchrun --nproc_per_node=2 srum.py                    # DDP, same global batch
+  python srum.py --judge oracle                          # the ideal judge (exact verifier): the control
+  python srum.py --reuse runs/srum/s0_full --lambda_c 0 --out runs/srum/s0_no_kl     # same candidates and judgments
+  python srum.py --reuse ... --reward_level sample | --binary | --no_global | --baseline sft   # the paper's ablations
+  python srum.py --reuse ... --reward_map paper          # Eq. 1 as written: R in [-1, 1], repulsion where negative
+  python srum.py --report runs/srum                      # table over runs/srum/*: median and spread over seeds
+
+The method (design section 4; the paper's symbols):
+  1. candidates  N think-mode generations per prompt: the model writes its plan and itself emits
+                 <|vision_start|>, then draws x0 (KV cache, batched). Drawn from the model's own
+                 distribution (T 1, no CFG, --cfg 1), for rwr.py's reason: images drawn with CFG,
+                 trained on and sampled with CFG again get the guidance twice.
+  2. boxes       the detector (world.detect, the analog of the paper's SAM) proposes boxes; the 5
+                 largest by area are judged.
+  3. judgment    the frozen copy answers the paper's prompts (tables 7-8, world.global_judge_prompt
+                 and region_judge_prompt): a global score g and a score s_i per box, in [-1, 1]
+                 (rewards.SelfJudge: the expected score over the grid the judge was taught).
+  4. reward map  R over the 64x64 pixels, then area-averaged onto the 4x4 token grid (one token
+                 per 16x16 pixels, area average):
+                   code  (upstream, default):  R = 0.5;  R[box_i] = max(R, (s_i + 1) / 2);  R *= (g + 1) / 2
+                   paper (Eq. 1 as written):   R = 0;    R[box_i] = s_i  (the lowest where boxes overlap);
+                                               R *= alpha = (g + 1) / 2, so R in [-1, 1] and R < 0 repels
+                 The code never makes R < 0: the default follows the code, the paper's form is a switch.
+  5. loss        L = L_r + lambda_c * L_ref   (Eq. 3), per token k of each candidate's image:
+                   L_r   = mean(R_k * (v_theta(x_t, t | c, plan) - (eps - x0_gt))^2)    (Eq. 1)
+                   L_ref = mean((v_theta - (eps - x0_gt))^2)                          (Eq. 2)
+                 x0_gt is the same self-generated image (upstream); both terms in one pass of the
+                 fused kernel (kernels/loss.py: w per token, lam = lambda_c). The plan is context
+                 only: SRUM trains the generation side. AdamW (0.9, 0.95), eps 1e-15, constant
+                 LR 2.5e-5 after a short warmup, grad clip 1 (paper table 6).
+Ablations (paper figure 3): --reward_level sample (R = (g + 1) / 2 everywhere: global only),
+--binary (g and s_i rounded to -1 / +1 before the map: the 0-1 reward), --lambda_c 0 (no KL
+term), --no_global (no R *= (g + 1) / 2), --baseline sft (R = 1, lambda_c 0: SFT on the same images).
+"""
+import json
+import os
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+import world
+import model as M
+import rewards as R
+import evaluate
+from evaluate import rollouts, prompt_set
+from kernels.loss import velocity_loss
+from common import setup_dist, all_sum, atomic_torch_save, atomic_write, Logger, parse_args
+
+defaults = dict(
+    ckpt="data/base", prompts="random", n_prompts=114, out="runs/srum", seed=0, reuse="", report="",
+    # candidates
+    N=16, temperature=1.0, max_think=64, gen_batch=64, steps=25, cfg=1.0, shift=3.0,
+    # judgment and reward map
+    judge="self", judge_score="mean", top_k=5, reward_map="code", reward_level="region", binary=False,
+    no_global=False, baseline="none",
+    # regression
+    lambda_c=0.5, train_steps=150, batch=32, lr=2.5e-5, warmup=10, clip=1.0, t_shift=1.0, cfg_drop=0.1,
+    # evaluation before / after on the held-out eval set
+    eval_n=20, eval_k=2, dtype="fp32",
+)
+
+
+def reward_map(g, regions, a):
+    """Step 4: one candidate's reward over the 16 image tokens (row-major 4x4), from its global
+    score g and its [(box, s_i)] in [-1, 1]. Also returns the 64x64 pixel map (for the grids)."""
+    if a["binary"]:                                   # the 0-1 reward: only the sign of each judgment
+        g, regions = (1.0 if g > 0 else -1.0), [(b, 1.0 if s > 0 else -1.0) for b, s in regions]
+    if a["reward_level"] == "sample":                 # one number for the whole image: the global one
+        pix = np.full((world.W, world.W), (g + 1) / 2, np.float32)
+    else:
+        paper = a["reward_map"] == "paper"
+        pix = np.full((world.W, world.W), 0.0 if paper else 0.5, np.float32)
+        if paper:
+            low = np.full((world.W, world.W), np.inf, np.float32)
+        for (x0, y0, x1, y1), s in regions:
+            if paper:
+                low[y0:y1, x0:x1] = np.minimum(low[y0:y1, x0:x1], s)
+            else:
+                pix[y0:y1, x0:x1] = np.maximum(pix[y0:y1, x0:x1], (s + 1) / 2)
+        if paper:
+            pix = np.where(np.isinf(low), pix, low)
+        if not a["no_global"]:
+            pix = pix * (g + 1) / 2                     # R *= alpha: a wrong layout scales every region down
+    s = int(np.sqrt(M.N_IMG))
+    # area average onto the token grid: a token's weight is the mean reward of its own 16x16 pixels,
+    # so a small box raises its token only as much as it covers it (upstream resizes bilinearly: at
+    # 16x down that reads 4 pixels near each cell's centre, or, with antialias, bleeds into neighbours)
+    tok = F.interpolate(torch.as_tensor(pix)[None, None], size=(s, s), mode="area")
+    return tok.flatten().numpy(), pix
+
+
+def label(c):
+    """A run's row in the --report table, from its config.json."""
+    if c["baseline"] == "sft":
+        return f"SFT ({c['prompts']})"
+    parts = [f"judge {c['judge']}"]
+    parts += ["sample-level" if c["reward_level"] == "sample" else f"map {c['reward_map']}"]
+    parts += ["0-1"] * c["binary"] + ["no global"] * c["no_global"] + [f"lambda_c {c['lambda_c']:g}"]
+    return f"SRUM ({', '.join(parts)})"
+
+
+def main(argv=None):
+    a = parse_args(defaults, argv, __doc__)
+    if a["report"]:
+        return evaluate.report(a["report"], label)
+    for k, ok in (("judge", ("self", "oracle")), ("judge_score", ("mean", "mode")), ("reward_map", ("code", "paper")),
+                  ("reward_level", ("region", "sample")), ("baseline", ("none", "sft"))):
+        if a[k] not in ok:
+            raise ValueError(f"--{k} {a[k]!r}: use one of {ok}")
+    rank, world_size, local, device = setup_dist()
+    torch.manual_seed(a["seed"] + rank)
+    policy, ae, meta = M.load_weights(a["ckpt"], device)
+    if policy is None:
+        raise ValueError(f"{a['ckpt']}.json is an autoencoder-only checkpoint; pass a UMM checkpoint with --ckpt")
+    ae.requires_grad_(False).eval()
+    specs = prompt_set(a["prompts"], a["n_prompts"], a["seed"])
+    log = Logger(a["out"], rank)
+    if rank == 0:
+        atomic_write(os.path.join(a["out"], "config.json"), json.dumps(a, indent=1))
+    eval_specs = evaluate.pick(world.load_specs("data/eval.jsonl"), a["eval_n"])
+    ea = dict(evaluate.defaults, k=a["eval_k"], modes="think", seed=a["seed"])
+
+    # --reuse DIR: the candidates (and before-eval) of an earlier run with the same base, prompts,
+    # seed and process count, and its judgments if the judge is the same: the ablations differ
+    # only from step 4 on
+    ro_file = lambda d: os.path.join(d, f"candidates.rank{rank}.pt")  # noqa: E731
+    keys = ("ckpt", "prompts", "n_prompts", "N", "seed")
+    saved = evaluate.load_reuse(ro_file(a["reuse"]), a, keys, "srum.py") if a["reuse"] else None
+
+    # ---- before: the base on the held-out eval set
+    if rank == 0:
+        before = saved["before"] if a["reuse"] else \
+            evaluate.evaluate(policy, ae, eval_specs, ea, device, os.path.join(a["out"], "before"), log=lambda *_: None)
+        log.log(dict(phase="before", gen_think=before["gen_think"], und=before["und"]),
+                f"before: gen_think {before['gen_think']:.3f} und {before['und']:.3f}")
+
+    # ---- 1-3. candidates (this rank's share of the prompts), boxes, judgments
+    t0 = time.time()
+    same_judge = a["reuse"] and all(saved["args"][k] == a[k] for k in ("judge", "judge_score", "top_k"))
+    if a["reuse"]:
+        ro, ro_per_s = saved["ro"], saved["rollouts_per_s"]
+    else:
+        gen = torch.Generator(device).manual_seed(1000 + a["seed"] * world_size + rank)
+        ro = rollouts(policy, ae, specs[rank::world_size], a["N"], a, device, gen)
+        ro_per_s = all_sum(len(ro["spec"])).item() / (time.time() - t0)
+    if same_judge:
+        g, regions = saved["g"], saved["regions"]
+    else:
+        t1 = time.time()
+        if a["judge"] == "self":   # a frozen copy: training never moves the judge
+            g, regions = R.SelfJudge(policy, ae, device, score=a["judge_score"], k=a["top_k"]).judge(ro["spec"], ro["image"])
+        else:
+            g, regions = R.oracle_judge(ro["spec"], ro["image"], k=a["top_k"])
+        log.log(dict(phase="judge", seconds=time.time() - t1, queries=len(g) + sum(map(len, regions))),
+                f"judged {len(g)} images and {sum(map(len, regions))} regions in {time.time() - t1:.0f}s")
+    if not a["reuse"]:      # saved once, where they were made; ablations point --reuse here
+        os.makedirs(a["out"], exist_ok=True)
+        atomic_torch_save(dict(args=a, ro=ro, g=g, regions=regions, rollouts_per_s=ro_per_s,
+                               before=before if rank == 0 else None), ro_file(a["out"]))
+    n_ro = len(ro["spec"])
+    # how well the judge agrees with the exact verifier on these very candidates (the premise)
+    g_ideal, reg_ideal = R.oracle_judge(ro["spec"], ro["image"], k=a["top_k"])
+    correct = R.oracle_binary(ro["spec"], ro["image"])
+    s_j = np.array([s for r in regions for _, s in r]); s_i = np.array([s for r in reg_ideal for _, s in r])
+    corr = lambda x, y: float(np.corrcoef(x, y)[0, 1]) if len(x) > 1 and x.std() > 0 and y.std() > 0 else None  # noqa: E731
+    stats = R.reward_stats((g + 1) / 2)
+    fmt = lambda x: "n/a" if x is None else f"{x:.3f}"  # noqa: E731
+    judge_rec = dict(g_vs_correct=corr(g, correct), g_vs_ideal=corr(g, g_ideal),
+                     region_vs_ideal=corr(s_j, s_i) if len(s_j) == len(s_i) else None,
+                     region_sign_acc=float(np.mean((s_j > 0) == (s_i > 0))) if len(s_j) == len(s_i) and len(s_j) else None)
+    log.log(dict(phase="candidates", n=n_ro, rollouts_per_s=ro_per_s, reward=stats, hist=R.histogram((g + 1) / 2),
+                 oracle_success=float(correct.mean()), switch_rate=float(np.mean(ro["switched"])), judge=judge_rec),
+            f"candidates: {n_ro} ({ro_per_s:.1f}/s) | global reward mean {stats['mean']:.3f} | oracle success "
+            f"{correct.mean():.3f} | judge vs verifier, corr: g {fmt(judge_rec['g_vs_correct'])}, regions "
+            f"{fmt(judge_rec['region_vs_ideal'])}")
+
+    # ---- 4. reward maps over the image tokens (sft: R = 1 and no L_ref)
+    maps = [reward_map(float(gi), ri, a) for gi, ri in zip(g, regions)]
+    Rtok = np.stack([m[0] for m in maps]).astype(np.float32)             # [n_ro, 16]
+    lam = a["lambda_c"]
+    if a["baseline"] == "sft":
+        Rtok, lam = np.ones_like(Rtok), 0.0
+    if rank == 0:   # what the maps look like: image | its pixel map | its token map, 8 candidates
+        def gray(m):    # [0, 1] -> black..white; the paper's map [-1, 1] -> black..white with 0 grey
+            m = (m + 1) / 2 if a["reward_map"] == "paper" else m
+            return np.repeat((np.clip(m, 0, 1) * 255).astype(np.uint8)[..., None], 3, -1)
+        s = world.W // int(np.sqrt(M.N_IMG))
+        rows = [[ro["image"][i], gray(maps[i][1]), gray(np.kron(Rtok[i].reshape(world.W // s, -1), np.ones((s, s))))]
+                for i in np.linspace(0, n_ro - 1, 8).astype(int)]
+        evaluate.grid(rows, len(rows), 3, os.path.join(a["out"], "reward_maps.png"))
+        log.log(dict(phase="maps", token_reward_mean=float(Rtok.mean()), token_reward_std=float(Rtok.std()),
+                     token_reward_min=float(Rtok.min())),
+                f"reward maps: token mean {Rtok.mean():.3f} std {Rtok.std():.3f} min {Rtok.min():.3f} (grid: reward_maps.png)")
+
+    # ---- 5. the regression: L = mean(R * ||v - (eps - x0)||^2) + lambda_c * mean(||v - (eps - x0)||^2)
+    policy.train()
+    raw = policy
+    if world_size > 1:
+        policy = torch.nn.parallel.DistributedDataParallel(policy, find_unused_parameters=True)
+    opt = torch.optim.AdamW(raw.parameters(), lr=a["lr"], betas=(0.9, 0.95), eps=1e-15, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(1, a["warmup"])))  # then constant
+    z_all = ae.encode(torch.as_tensor(np.stack(ro["image"]), device=device))   # x0_gt: the candidate, re-encoded
+    rng = np.random.default_rng(a["seed"] * world_size + rank)
+    per = a["batch"] // world_size
+    assert per * world_size == a["batch"], "--batch must be divisible by the number of processes"
+    amp = torch.autocast(device.split(":")[0], dtype=torch.bfloat16, enabled=a["dtype"] == "bf16")
+    for step in range(a["train_steps"]):
+        idx = rng.choice(n_ro, per, replace=n_ro < per)
+        # flow matching on the candidates: x_t = (1 - t) x0 + t eps, t = shift(sigmoid(randn))
+        x0 = z_all[torch.as_tensor(idx, device=device)]
+        eps = torch.randn_like(x0)
+        t = torch.sigmoid(torch.randn(len(idx), device=device))
+        t = a["t_shift"] * t / (1 + (a["t_shift"] - 1) * t)
+        x_t = (1 - t[:, None, None]) * x0 + t[:, None, None] * eps
+        x_t_cpu, t_list = x_t.cpu(), t.tolist()
+        samples = []
+        for i, j in enumerate(idx):
+            img = ("noise", x_t_cpu[i], t_list[i])
+            if rng.random() < a["cfg_drop"]:   # CFG dropout, as in pre-training: <bos> <|vision_start|> [image]
+                samples.append([("text", [M.BOS, M.VS], 0), img])
+            else:                               # the candidate's own context: prompt, its plan, the switch
+                prompt = [M.BOS] + world.encode(ro["spec"][j]["prompt"]) + [M.THINK]
+                forced = [] if ro["switched"][j] else [M.VS]
+                samples.append([("text", prompt + ro["think"][j] + forced, 0), img])
+        b = M.pack(samples, M.PAD, x0.shape[-1], device)
+        with amp:
+            _, v = M.token_losses(policy, b)
+        w = torch.as_tensor(Rtok[idx], device=device)                      # R per token [per, 16]
+        # Eq. 3 in one pass of the fused kernel: w = R (Eq. 1), lam * L_ref (Eq. 2), x0_ref = x0_gt
+        loss = velocity_loss(v.view_as(x0), eps, x0, w=w, lam=lam)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        gn = torch.nn.utils.clip_grad_norm_(raw.parameters(), a["clip"])
+        opt.step()
+        sched.step()
+        if step % 25 == 0 or step == a["train_steps"] - 1:
+            log.log(dict(phase="train", step=step, loss=loss.item(), gnorm=gn.item(), lr=sched.get_last_lr()[0]),
+                    f"step {step}/{a['train_steps']} loss {loss.item():.4f} gn {gn.item():.2f}")
+
+    # ---- after: the same eval, the run folder
+    if rank == 0:
+        evaluate.finish(raw, ae, before, eval_specs, ea, device, a, "srum", log, reward=stats, hist=R.histogram((g + 1) / 2),
+                        rollouts_per_s=ro_per_s, judge=judge_rec, token_reward_mean=float(Rtok.mean()))
+    if world_size > 1:
+        torch.distributed.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
