@@ -167,6 +167,21 @@ def load_reuse(path, a, keys, script):
     return saved
 
 
+def begin(model, ae, a, saved, rank, log, device):
+    """The start of a method's run: the eval set and sampler settings, and on rank 0 the base's
+    before-eval (before/), taken from `saved` when the run reuses an earlier one's rollouts.
+    Returns (eval_specs, ea, before); before is None off rank 0."""
+    eval_specs = pick(world.load_specs("data/eval.jsonl"), a["eval_n"])
+    ea = dict(defaults, k=a["eval_k"], modes="think", seed=a["seed"])
+    before = None
+    if rank == 0:
+        before = saved["before"] if saved else \
+            evaluate(model, ae, eval_specs, ea, device, os.path.join(a["out"], "before"), log=lambda *_: None)
+        log.log(dict(phase="before", gen_think=before["gen_think"], und=before["und"]),
+                f"before: gen_think {before['gen_think']:.3f} und {before['und']:.3f}")
+    return eval_specs, ea, before
+
+
 def finish(model, ae, before, eval_specs, ea, device, a, method, log, **extra):
     """The end of a method's run folder: the post-trained checkpoint (ckpt.*), the same eval as
     before (after/), summary.json (before/after overall, understanding and per tag, plus `extra`)

@@ -110,8 +110,6 @@ def main(argv=None):
     log = Logger(a["out"], rank)
     if rank == 0:
         atomic_write(os.path.join(a["out"], "config.json"), json.dumps(a, indent=1))
-    eval_specs = evaluate.pick(world.load_specs("data/eval.jsonl"), a["eval_n"])
-    ea = dict(evaluate.defaults, k=a["eval_k"], modes="think", seed=a["seed"])
 
     # --reuse DIR: the rollouts (and before-eval) of an earlier run with the same base, prompts,
     # seed and process count, so variants that differ only in the weighting see the same data
@@ -119,12 +117,8 @@ def main(argv=None):
     keys = ("ckpt", "prompts", "n_prompts", "N", "seed")
     saved = evaluate.load_reuse(ro_file(a["reuse"]), a, keys, "rwr.py") if a["reuse"] else None
 
-    # ---- before: the base on the held-out eval set
-    if rank == 0:
-        before = saved["before"] if a["reuse"] else \
-            evaluate.evaluate(policy, ae, eval_specs, ea, device, os.path.join(a["out"], "before"), log=lambda *_: None)
-        log.log(dict(phase="before", gen_think=before["gen_think"], und=before["und"]),
-                f"before: gen_think {before['gen_think']:.3f} und {before['und']:.3f}")
+    # ---- before: the base on the held-out eval set (rank 0)
+    eval_specs, ea, before = evaluate.begin(policy, ae, a, saved, rank, log, device)
 
     # ---- 1. rollouts: this rank's share of the prompts, N each, think mode (the model switches itself)
     t0 = time.time()
@@ -150,7 +144,7 @@ def main(argv=None):
         r = np.asarray(reward(ro["spec"], ro["image"]), np.float32)
     if not a["reuse"]:      # saved once, where they were made; variants point --reuse here
         os.makedirs(a["out"], exist_ok=True)
-        atomic_torch_save(dict(args=a, ro=ro, r=r, rollouts_per_s=ro_per_s, before=before if rank == 0 else None),
+        atomic_torch_save(dict(args=a, ro=ro, r=r, rollouts_per_s=ro_per_s, before=before),
                           ro_file(a["out"]))
     oracle = R.oracle_binary(ro["spec"], ro["image"])
     stats = R.reward_stats(r)

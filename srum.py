@@ -125,8 +125,6 @@ def main(argv=None):
     log = Logger(a["out"], rank)
     if rank == 0:
         atomic_write(os.path.join(a["out"], "config.json"), json.dumps(a, indent=1))
-    eval_specs = evaluate.pick(world.load_specs("data/eval.jsonl"), a["eval_n"])
-    ea = dict(evaluate.defaults, k=a["eval_k"], modes="think", seed=a["seed"])
 
     # --reuse DIR: the candidates (and before-eval) of an earlier run with the same base, prompts,
     # seed and process count, and its judgments if the judge is the same: the ablations differ
@@ -135,12 +133,8 @@ def main(argv=None):
     keys = ("ckpt", "prompts", "n_prompts", "N", "seed")
     saved = evaluate.load_reuse(ro_file(a["reuse"]), a, keys, "srum.py") if a["reuse"] else None
 
-    # ---- before: the base on the held-out eval set
-    if rank == 0:
-        before = saved["before"] if a["reuse"] else \
-            evaluate.evaluate(policy, ae, eval_specs, ea, device, os.path.join(a["out"], "before"), log=lambda *_: None)
-        log.log(dict(phase="before", gen_think=before["gen_think"], und=before["und"]),
-                f"before: gen_think {before['gen_think']:.3f} und {before['und']:.3f}")
+    # ---- before: the base on the held-out eval set (rank 0)
+    eval_specs, ea, before = evaluate.begin(policy, ae, a, saved, rank, log, device)
 
     # ---- 1-3. candidates (this rank's share of the prompts), boxes, judgments
     t0 = time.time()
@@ -164,11 +158,11 @@ def main(argv=None):
     if not a["reuse"]:      # saved once, where they were made; ablations point --reuse here
         os.makedirs(a["out"], exist_ok=True)
         atomic_torch_save(dict(args=a, ro=ro, g=g, regions=regions, rollouts_per_s=ro_per_s,
-                               before=before if rank == 0 else None), ro_file(a["out"]))
+                               before=before), ro_file(a["out"]))
     n_ro = len(ro["spec"])
     # how well the judge agrees with the exact verifier on these very candidates (the premise)
-    g_ideal, reg_ideal = R.oracle_judge(ro["spec"], ro["image"], k=a["top_k"])
-    correct = R.oracle_binary(ro["spec"], ro["image"])
+    g_ideal, reg_ideal = (g, regions) if a["judge"] == "oracle" else R.oracle_judge(ro["spec"], ro["image"], k=a["top_k"])
+    correct = (g_ideal == 1).astype(np.float32)      # the ideal judge's g is 1 exactly when the verifier accepts
     s_j = np.array([s for r in regions for _, s in r]); s_i = np.array([s for r in reg_ideal for _, s in r])
     corr = lambda x, y: float(np.corrcoef(x, y)[0, 1]) if len(x) > 1 and x.std() > 0 and y.std() > 0 else None  # noqa: E731
     stats = R.reward_stats((g + 1) / 2)
