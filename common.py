@@ -26,6 +26,12 @@ def setup_dist():
     return rank, world, local, device
 
 
+def teardown_dist():
+    """End distributed cleanly at the end of a script (every rank calls it)."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def all_sum(x):
     """Sum a tensor (or float) over processes; identity without DDP."""
     t = torch.as_tensor(x, dtype=torch.float64).clone()
@@ -49,30 +55,107 @@ def atomic_write(path, text):
 
 
 class Logger:
-    """Appends one JSON line per record to run_dir/metrics.jsonl and prints on rank 0."""
+    """Appends one JSON line per record to run_dir/metrics.jsonl and prints on rank 0.
+    A resumed run does not write a record twice: records of a phase the file already holds
+    (before, rollouts, ...) are printed only, and resume_at(step) drops the records of steps
+    after the checkpoint it continues from (they are replayed)."""
 
     def __init__(self, run_dir, rank=0):
         self.rank, self.path = rank, os.path.join(run_dir, "metrics.jsonl")
         self.t0 = time.time()
+        self.seen = set()
         if rank == 0:
             os.makedirs(run_dir, exist_ok=True)
+
+    def resume(self):
+        """Called when a run continues: remember the phases already logged."""
+        if self.rank == 0 and os.path.exists(self.path):
+            self.seen = {json.loads(l).get("phase") for l in open(self.path) if l.strip()} - {None, "train"}
+
+    def resume_at(self, step):
+        """Keep the records of the first `step` steps (records' "step" counts steps done)."""
+        if self.rank != 0 or not os.path.exists(self.path):
+            return
+        keep = [l for l in open(self.path) if l.strip() and json.loads(l).get("step", -1) <= step]
+        atomic_write(self.path, "".join(keep))
 
     def log(self, rec, line=None):
         if self.rank != 0:
             return
-        with open(self.path, "a") as f:
-            f.write(json.dumps(rec) + "\n")
+        if rec.get("phase") not in self.seen:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(rec) + "\n")
         if line:
             print(line, flush=True)
 
 
-def parse_args(defaults, argv=None, doc=""):
-    """Typed overrides for a plain dict of defaults: `--key value` (bools: --flag / --flag 0)."""
+def ddp(model, local, device):
+    """Wrap for DDP (the caller keeps the raw module for saving and the optimiser).
+    find_unused_parameters: a small per-rank batch may hold no clean image or no noise image,
+    and the method scripts train one expert only."""
+    return torch.nn.parallel.DistributedDataParallel(model, device_ids=[local] if device != "cpu" else None,
+                                                     find_unused_parameters=True)
+
+
+def finite(where, **named):
+    """Stop at once on a non-finite number: raises FloatingPointError naming where (e.g. "step 12")
+    and the quantity (a loss, a gradient norm, rewards, weights), before anything is written from it."""
+    import numpy as np
+    for name, x in named.items():
+        arr = x.detach().float().cpu().numpy() if torch.is_tensor(x) else np.asarray(x, dtype=np.float64)
+        if not np.isfinite(arr).all():
+            bad = int((~np.isfinite(arr)).sum())
+            raise FloatingPointError(
+                f"{where}: {name} is not finite ({bad} of {arr.size} values are nan/inf); the run stops "
+                f"here and writes no checkpoint from it. Causes seen: a learning rate or --beta too large, "
+                f"a reward model that returned nan (a broken checkpoint), fp16 overflow")
+
+
+class _Parser(__import__("argparse").ArgumentParser):
+    def error(self, message):           # a ValueError the caller (or a test) can read, not a bare exit
+        raise ValueError(f"{self.prog}: {message} (see --help)")
+
+
+def _strict_bool(s):
+    v = str(s).lower()
+    if v in ("1", "true", "yes"):
+        return True
+    if v in ("0", "false", "no"):
+        return False
     import argparse
-    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    raise argparse.ArgumentTypeError(f"expected 1/0/true/false/yes/no, got {s!r}")
+
+
+def _in_range(v, spec):
+    """spec: "> a", ">= a", "a..b" (inclusive)."""
+    if ".." in spec:
+        lo, hi = (float(x) for x in spec.split(".."))
+        return lo <= v <= hi
+    op, x = spec.split()
+    return v > float(x) if op == ">" else v >= float(x)
+
+
+def parse_args(defaults, argv=None, doc="", choices=None, ranges=None):
+    """Typed overrides for a plain dict of defaults, every flag checked before any work starts.
+        --key value          typed as the default (None -> str)
+        --flag / --flag 0    booleans: 1/0/true/false/yes/no, nothing else
+        choices {key: (allowed, ...)}     ranges {key: "> 0" | ">= 1" | "0..1"}
+    No prefix abbreviations (--lambda is not --lambda_c). Bad values raise ValueError naming the flag."""
+    p = _Parser(description=doc, formatter_class=__import__("argparse").RawDescriptionHelpFormatter,
+                allow_abbrev=False)
+    choices, ranges = choices or {}, ranges or {}
+    for k in list(choices) + list(ranges):
+        assert k in defaults, f"choices/ranges name --{k}, which has no default"
     for k, v in defaults.items():
         if isinstance(v, bool):
-            p.add_argument(f"--{k}", type=lambda s: s.lower() not in ("0", "false", "no"), nargs="?", const=True, default=v)
+            p.add_argument(f"--{k}", type=_strict_bool, nargs="?", const=True, default=v)
         else:
             p.add_argument(f"--{k}", type=type(v) if v is not None else str, default=v)
-    return vars(p.parse_args(argv))
+    a = vars(p.parse_args(argv))
+    for k, ok in choices.items():
+        if a[k] not in ok:
+            raise ValueError(f"--{k} {a[k]!r}: use one of {tuple(ok)}")
+    for k, spec in ranges.items():
+        if not _in_range(a[k], spec):
+            raise ValueError(f"--{k} {a[k]}: must be {spec}")
+    return a

@@ -503,6 +503,15 @@ def shift_t(t, s):
     return s * t / (1 + (s - 1) * t)
 
 
+def noised(x0, s=1.0):
+    """Flow matching's training input for clean latents x0 [B,n,C] (global torch RNG):
+        t = shift(sigmoid(randn)),   x_t = (1 - t) x0 + t eps,   target v = eps - x0.
+    Returns (x_t, eps, t [B])."""
+    eps = torch.randn_like(x0)
+    t = shift_t(torch.sigmoid(torch.randn(len(x0), device=x0.device)), s)
+    return (1 - t[:, None, None]) * x0 + t[:, None, None] * eps, eps, t
+
+
 @torch.no_grad()
 def sample_image(model, cache, uncond=None, steps=25, cfg=4.0, cfg_interval=(0.0, 1.0),
                  cfg_renorm=0.0, shift=3.0, generator=None, live=None, x1=None):
@@ -536,17 +545,33 @@ def sample_image(model, cache, uncond=None, steps=25, cfg=4.0, cfg_interval=(0.0
 
 # ----------------------------------------------------------------------------- checkpoint I/O
 
+def _sha256(path):
+    import hashlib
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
 def save_weights(path, model, ae, meta):
     """Atomic: `path`.safetensors (bf16 MoT weights, fp32 AE weights; model may be None for an
-    AE-only checkpoint) + `path`.json (config and run meta). Temp names, then renamed."""
+    AE-only checkpoint) + `path`.json (config, run meta and the sha256 of the weights file, so
+    corrupted bytes are caught at load). Temp names, then renamed. A non-finite weight raises
+    instead of being written: a checkpoint is never worse than the one it would replace."""
     from safetensors.torch import save_file
     sd = {f"ae.{k}": v.detach().float().contiguous() for k, v in ae.state_dict().items()}
     js = dict(meta, ae=dict(C=ae.C, w=ae.enc[0].out_channels, p=ae.p))
     if model is not None:
         sd.update({f"umm.{k}": v.detach().to(torch.bfloat16).contiguous() for k, v in model.state_dict().items()})
         js["config"] = asdict(model.c)
+    bad = [k for k, v in sd.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise FloatingPointError(f"{path}: not saved, {len(bad)} tensors hold nan/inf (first: {bad[0]}); "
+                                 f"the previous checkpoint there (if any) is kept")
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     save_file(sd, path + ".safetensors.tmp")
+    js["sha256"] = _sha256(path + ".safetensors.tmp")
     with open(path + ".json.tmp", "w") as f:
         json.dump(js, f, indent=1)
     os.replace(path + ".safetensors.tmp", path + ".safetensors")
@@ -554,24 +579,60 @@ def save_weights(path, model, ae, meta):
 
 
 def load_weights(path, device="cpu", dtype=torch.float32):
-    """Load (model, ae, meta) saved by save_weights. `path` without extension."""
+    """Load (model, ae, meta) saved by save_weights. `path` without extension. Every failure
+    names the file and the fix: missing, a run folder instead of a checkpoint, broken JSON,
+    truncated or corrupted weights (sha256), non-finite tensors, a config that does not fit."""
     from safetensors.torch import load_file
+    if os.path.isdir(path):
+        hint = f" (it holds {os.path.join(path, 'ckpt')}.*: pass --ckpt {os.path.join(path, 'ckpt')})" \
+            if os.path.exists(os.path.join(path, "ckpt.json")) else ""
+        raise FileNotFoundError(f"checkpoint {path} is a folder{hint}; pass the checkpoint path without extension, "
+                                f"e.g. data/base or runs/NAME/ckpt")
     for ext in (".safetensors", ".json"):
         if not os.path.exists(path + ext):
             raise FileNotFoundError(
                 f"checkpoint {path + ext} not found: pass --ckpt with the path of a checkpoint "
                 f"(without extension), e.g. data/base, or train one with `python pretrain.py`")
-    with open(path + ".json") as f:
-        meta = json.load(f)
-    sd = load_file(path + ".safetensors")
+    try:
+        with open(path + ".json") as f:
+            meta = json.load(f)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}.json: broken JSON ({e.msg}, line {e.lineno}); the checkpoint's config is "
+                         f"unreadable: restore it (git checkout {path}.json) or re-save the checkpoint") from None
+    if meta.get("sha256") and _sha256(path + ".safetensors") != meta["sha256"]:
+        raise ValueError(f"{path}.safetensors: corrupted (its sha256 differs from the one {path}.json recorded "
+                         f"at save); restore the file (git checkout / a copy) or re-save the checkpoint")
+    try:
+        sd = load_file(path + ".safetensors")
+    except Exception as e:      # safetensors raises its own error types for truncated/garbled files
+        raise ValueError(f"{path}.safetensors: unreadable ({type(e).__name__}: {e}); the file is truncated or "
+                         f"not a safetensors file: restore it or re-save the checkpoint") from None
+    bad = [k for k, v in sd.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise ValueError(f"{path}.safetensors: {len(bad)} tensors hold nan/inf (first: {bad[0]}); this checkpoint "
+                         f"came from a diverged run: load an earlier one")
     ae = PaletteAE(meta["ae"]["C"], meta["ae"]["w"], p=meta["ae"]["p"])
-    ae.load_state_dict({k[3:]: v.float() for k, v in sd.items() if k.startswith("ae.")})
+    _load_checked(ae, {k[3:]: v.float() for k, v in sd.items() if k.startswith("ae.")}, path, "autoencoder")
     model = None
     if "config" in meta:
         model = MoT(Config(**meta["config"]))
-        model.load_state_dict({k[4:]: v.to(dtype) for k, v in sd.items() if k.startswith("umm.")})
+        _load_checked(model, {k[4:]: v.to(dtype) for k, v in sd.items() if k.startswith("umm.")}, path, "MoT")
         model = model.to(device)
     return model, ae.to(device), meta
+
+
+def _load_checked(module, sd, path, what):
+    """load_state_dict with a short message: how many keys are missing / unexpected / misshapen."""
+    own = module.state_dict()
+    missing = [k for k in own if k not in sd]
+    extra = [k for k in sd if k not in own]
+    shape = [k for k in sd if k in own and sd[k].shape != own[k].shape]
+    if missing or extra or shape:
+        ex = lambda ks: f" (e.g. {ks[0]})" if ks else ""  # noqa: E731
+        raise ValueError(f"{path}: the {what} weights do not fit the config in {path}.json: {len(missing)} missing"
+                         f"{ex(missing)}, {len(extra)} unexpected{ex(extra)}, {len(shape)} of another shape{ex(shape)}; "
+                         f"the .json and .safetensors come from different runs, or the code changed the model")
+    module.load_state_dict(sd)
 
 
 # ----------------------------------------------------------------------------- unified generation

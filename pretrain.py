@@ -53,22 +53,6 @@ IMAGE_TAGS = [t for t in world.TAGS if t not in ("knowledge", "counting_hard")]
 
 # ----------------------------------------------------------------------------- data
 
-def eval_prompts():
-    """Eval prompts that training must not draw: those of tags whose prompt space is at least 4x
-    the eval set's share of it. Small spaces (single_object has 5 prompts, size about 50) cannot
-    be held out -- as GenEval's "a photo of a cat" is no secret to any real model; there the
-    held-out (colour, shape) pairs and (shape, relation, shape) triples test generalisation."""
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "eval.jsonl")
-    if not os.path.exists(path):
-        return set()
-    by_tag = {}
-    for s in world.load_specs(path):
-        by_tag.setdefault(s["tag"], set()).add(s["prompt"])
-    rng = np.random.default_rng(0)
-    space = {t: len({world.sample_spec(t, rng, holdout="any")["prompt"] for _ in range(2000)}) for t in by_tag}
-    return {p for t, ps in by_tag.items() if space[t] >= 4 * len(ps) for p in ps}
-
-
 def train_spec(rng, banned):
     """A prompt spec for an image-bearing task: training compositions only, never an eval prompt."""
     while True:
@@ -176,7 +160,7 @@ class Stream(torch.utils.data.IterableDataset):
     def __iter__(self):
         wi = torch.utils.data.get_worker_info()
         k, n = (wi.id, wi.num_workers) if wi else (0, 1)
-        banned = eval_prompts()
+        banned = world.eval_prompts()
         step = self.start + k
         while True:
             yield make_batch(self.a["seed"], step, self.lo, self.hi, banned, self.a["cfg_drop"], self.a["t_shift"], self.C)
@@ -425,7 +409,7 @@ def curve_point(ema, ae, cfg, step, a, device, log):
     import evaluate
     m = M.MoT(cfg).to(device)
     m.load_state_dict(ema)
-    specs = evaluate.pick(world.load_specs(os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "eval.jsonl")), a["eval_n"])
+    specs = world.pick(world.load_specs(os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "eval.jsonl")), a["eval_n"])
     ea = dict(evaluate.defaults, k=2, modes="think", batch=256)
     s = evaluate.evaluate(m, ae, specs, ea, device, log=lambda *_: None)
     rec = dict(step=step, curve=True, gen_think=s["gen_think"], und=s["und"], switch_rate=s["switch_rate"],

@@ -2,7 +2,7 @@
 Reward-weighted regression on weakness-targeted prompts (paper 000: "Unified Text-Image
 Generation with Weakness-Targeted Post-Training"), one file, one loop.
 
-  python rwr.py --mine --ckpt data/base                  # weakness mining -> data/mmgw.jsonl
+  python rwr.py --mine --ckpt data/base --overwrite      # weakness mining -> data/mmgw.jsonl (replaces it)
   torchrun rwr.py --prompts data/mmgw.jsonl              # RWR (defaults: multimodal, oracle soft reward)
   python rwr.py --weight_on image | text                 # which loss the reward weights
   python rwr.py --reward vqa_self | oracle_binary | vqa_qwen --qwen /path/to/Qwen2.5-VL
@@ -11,6 +11,8 @@ Generation with Weakness-Targeted Post-Training"), one file, one loop.
   python rwr.py --reuse runs/rwr/s0_multimodal --weight_on image --out runs/rwr/s0_image
                                                          # same rollouts (and before-eval), other weighting
   python rwr.py --report runs/rwr                        # table over runs/rwr/*: median and spread over seeds
+  python rwr.py --out runs/rwr/x --resume                # continue a killed run (its rollouts, rewards, before-eval
+                                                         # and last training checkpoint are in the folder)
 
 The method (offline, one round, as in the paper):
   1. rollouts   for every prompt c, N unified generations in think mode: the model writes its
@@ -40,42 +42,53 @@ import torch
 import world
 import model as M
 import rewards as R
+import runs
 import evaluate
-from evaluate import rollouts, candidates, prompt_set
 from kernels.loss import velocity_loss
-from common import setup_dist, all_sum, atomic_torch_save, atomic_write, Logger, parse_args
+from common import setup_dist, teardown_dist, ddp, all_sum, finite, atomic_torch_save, atomic_write, parse_args
 
 defaults = dict(
-    ckpt="data/base", prompts="data/mmgw.jsonl", out="runs/rwr", seed=0,
+    ckpt="data/base", prompts="data/mmgw.jsonl", out="runs/rwr", seed=0, resume=False, overwrite=False,
     # weakness mining
     mine=False, candidates=40, K=8, keep_lo=0.25, keep_hi=0.75, reuse="", report="",
     # rollouts and rewards
     n_prompts=0, N=16, reward="oracle_soft", qwen="", temperature=1.0, max_think=64, gen_batch=64,
-    steps=25, cfg=1.0, shift=3.0,
+    sample_steps=25, cfg=1.0, shift=3.0,
     # regression
     weight_on="multimodal", baseline="none", beta=5.0, reject_at=0.5,
-    train_steps=150, batch=32, lr=5e-5, clip=1.0, t_shift=1.0, cfg_drop=0.1,
+    train_steps=150, batch=32, lr=5e-5, clip=1.0, t_shift=1.0, cfg_drop=0.1, ckpt_every=25,
     # evaluation before / after on the held-out eval set
     eval_n=20, eval_k=2, dtype="fp32",
 )
+choices = dict(weight_on=("multimodal", "image", "text"), baseline=("none", "sft", "rejection"),
+               reward=("oracle_soft", "oracle_binary", "vqa_self", "vqa_qwen"), dtype=("fp32", "bf16"))
+# beta <= 80: w = exp(beta r) with r in [0, 1] stays finite in fp32 (exp overflows past 88.7)
+ranges = dict(candidates=">= 1", K=">= 1", keep_lo="0..1", keep_hi="0..1", n_prompts=">= 0", N=">= 1",
+              temperature=">= 0", max_think=">= 1", gen_batch=">= 1", sample_steps=">= 1", cfg=">= 0", shift="> 0",
+              beta="0..80", reject_at="0..1", train_steps=">= 1", batch=">= 1", lr="> 0", clip="> 0", t_shift="> 0",
+              cfg_drop="0..1", ckpt_every=">= 1", eval_n=">= 1", eval_k=">= 1")
+
+
 def mine(model, ae, a, device):
     """Weakness mining: candidates per tag (never eval prompts), K samples each, keep the prompts
     whose exact-verifier success rate is within [keep_lo, keep_hi] (about half)."""
-    cands = candidates(a["candidates"], np.random.default_rng(a["seed"]))
+    cands = world.candidates(a["candidates"], np.random.default_rng(a["seed"]))
     gen = torch.Generator(device).manual_seed(a["seed"])
     # "fails about half the time" as the model is judged: evaluate.py's sampler (CFG, temperature)
     judged = dict(a, cfg=evaluate.defaults["cfg"], temperature=evaluate.defaults["temperature"])
-    ro = rollouts(model, ae, cands, a["K"], judged, device, gen)
+    ro = runs.rollouts(model, ae, cands, a["K"], judged, device, gen, what="mining")
     ok = R.oracle_binary(ro["spec"], ro["image"]).reshape(len(cands), a["K"]).mean(1)
     keep = [dict(s, base_success=float(p)) for s, p in zip(cands, ok) if a["keep_lo"] <= p <= a["keep_hi"]]
     tags = sorted({s["tag"] for s in keep})
-    lines = [json.dumps(s) for s in keep]
-    atomic_write(a["prompts"], "\n".join(lines) + "\n")
-    print(f"mined {len(keep)} of {len(cands)} candidates (success in [{a['keep_lo']}, {a['keep_hi']}], "
-          f"K={a['K']}) over {len(tags)} tags {tags} -> {a['prompts']}")
     per = {t: float(np.mean([p for s, p in zip(cands, ok) if s["tag"] == t])) for t in world.TAGS
            if any(s["tag"] == t for s in cands)}
     print("base success per tag on the candidates:", json.dumps({t: round(v, 3) for t, v in per.items()}))
+    if not keep:    # an empty file would replace a working one and fail every later run
+        raise RuntimeError(f"mined 0 of {len(cands)} candidates (success in [{a['keep_lo']}, {a['keep_hi']}]); "
+                           f"{a['prompts']} is left as it was: widen --keep_lo/--keep_hi or raise --candidates")
+    atomic_write(a["prompts"], "\n".join(json.dumps(s) for s in keep) + "\n")
+    print(f"mined {len(keep)} of {len(cands)} candidates (success in [{a['keep_lo']}, {a['keep_hi']}], "
+          f"K={a['K']}) over {len(tags)} tags {tags} -> {a['prompts']}")
     return keep
 
 
@@ -85,54 +98,62 @@ def label(c):
     return f"{how} ({c['reward']}, {os.path.basename(c['prompts'])})"
 
 
+def check(a, world_size):
+    """Every input that can be checked before the model loads (a bad one fails in seconds, not
+    after a 480-image before-eval)."""
+    if a["keep_lo"] > a["keep_hi"]:
+        raise ValueError(f"--keep_lo {a['keep_lo']} > --keep_hi {a['keep_hi']}")
+    if a["batch"] % world_size:
+        raise ValueError(f"--batch {a['batch']} must be divisible by the number of processes ({world_size})")
+    if a["mine"]:
+        if os.path.exists(a["prompts"]) and not a["overwrite"]:
+            raise FileExistsError(f"--mine would replace {a['prompts']}; pass --overwrite to replace it, or "
+                                  f"--prompts NEW.jsonl to mine into another file")
+        return None
+    if a["reward"] == "vqa_qwen" and not os.path.isdir(a["qwen"]):
+        raise FileNotFoundError(f"--reward vqa_qwen needs --qwen DIR, a local Qwen2.5-VL folder (got {a['qwen']!r})")
+    # --prompts random: the control for mining, prompts drawn at random (same pool as the miner's);
+    # --n_prompts 0: every prompt of the file, for random prompts as many as the mined file holds
+    n = a["n_prompts"] or (len(world.load_specs(defaults["prompts"])) if a["prompts"] == "random" else 0)
+    return world.prompt_set(a["prompts"], n, a["seed"])
+
+
 def main(argv=None):
-    a = parse_args(defaults, argv, __doc__)
+    a = parse_args(defaults, argv, __doc__, choices, ranges)
     if a["report"]:
-        return evaluate.report(a["report"], label)
+        return runs.report(a["report"], label)
     rank, world_size, local, device = setup_dist()
+    specs = check(a, world_size)
     torch.manual_seed(a["seed"] + rank)
-    policy, ae, meta = M.load_weights(a["ckpt"], device)
-    if policy is None:
-        raise ValueError(f"{a['ckpt']}.json is an autoencoder-only checkpoint; pass a UMM checkpoint with --ckpt")
-    ae.requires_grad_(False).eval()
+    policy, ae, meta = runs.load_umm(a["ckpt"], device)
     if a["mine"]:
         if rank == 0:
             mine(policy, ae, a, device)
-        return
-    for k, ok in (("weight_on", ("multimodal", "image", "text")), ("baseline", ("none", "sft", "rejection")),
-                  ("reward", ("vqa_self", "vqa_qwen", "oracle_soft", "oracle_binary"))):
-        if a[k] not in ok:
-            raise ValueError(f"--{k} {a[k]!r}: use one of {ok}")
-    # --prompts random: the control for mining, prompts drawn at random (same pool as the miner's);
-    # --n_prompts 0: every prompt of the file, for random prompts as many as the mined file holds
-    specs = prompt_set(a["prompts"], a["n_prompts"] or (len(world.load_specs(defaults["prompts"]))
-                                                         if a["prompts"] == "random" else 0), a["seed"])
-    log = Logger(a["out"], rank)
-    if rank == 0:
-        atomic_write(os.path.join(a["out"], "config.json"), json.dumps(a, indent=1))
+        return teardown_dist()
+    log = runs.open_run(a, rank, "rwr.py")
 
     # --reuse DIR: the rollouts (and before-eval) of an earlier run with the same base, prompts,
-    # seed and process count, so variants that differ only in the weighting see the same data
+    # seed, sampler and process count, so variants that differ only in the weighting see the same
+    # data; --resume: this run's own, if it got that far
     ro_file = lambda d: os.path.join(d, f"rollouts.rank{rank}.pt")  # noqa: E731
-    keys = ("ckpt", "prompts", "n_prompts", "N", "seed")
-    saved = evaluate.load_reuse(ro_file(a["reuse"]), a, keys, "rwr.py") if a["reuse"] else None
+    saved = runs.saved_rollouts(ro_file(a["reuse"] or a["out"]), a, runs.MADE_WITH, "rwr.py") \
+        if a["reuse"] or a["resume"] else None
 
     # ---- before: the base on the held-out eval set (rank 0)
-    eval_specs, ea, before = evaluate.begin(policy, ae, a, saved, rank, log, device)
+    eval_specs, ea, before = runs.begin(policy, ae, a, saved, rank, log, device)
 
     # ---- 1. rollouts: this rank's share of the prompts, N each, think mode (the model switches itself)
     t0 = time.time()
-    if a["reuse"]:
+    if saved:
         ro, ro_per_s = saved["ro"], saved["rollouts_per_s"]
     else:
-        mine_specs = specs[rank::world_size]
         gen = torch.Generator(device).manual_seed(1000 + a["seed"] * world_size + rank)
-        ro = rollouts(policy, ae, mine_specs, a["N"], a, device, gen)
+        ro = runs.rollouts(policy, ae, specs[rank::world_size], a["N"], a, device, gen)
         ro_per_s = all_sum(len(ro["spec"])).item() / (time.time() - t0)
     n_ro = len(ro["spec"])
 
     # ---- 2. rewards r in [0, 1], one convention: reward(specs, images)
-    if a["reuse"] and saved["args"]["reward"] == a["reward"]:
+    if saved and saved["args"]["reward"] == a["reward"]:
         r = saved["r"]
     else:
         if a["reward"] == "vqa_self":
@@ -142,17 +163,10 @@ def main(argv=None):
         else:
             reward = getattr(R, a["reward"])
         r = np.asarray(reward(ro["spec"], ro["image"]), np.float32)
-    if not a["reuse"]:      # saved once, where they were made; variants point --reuse here
-        os.makedirs(a["out"], exist_ok=True)
-        atomic_torch_save(dict(args=a, ro=ro, r=r, rollouts_per_s=ro_per_s, before=before),
-                          ro_file(a["out"]))
-    oracle = R.oracle_binary(ro["spec"], ro["image"])
-    stats = R.reward_stats(r)
-    log.log(dict(phase="rollouts", n=n_ro, rollouts_per_s=ro_per_s, reward=stats, hist=R.histogram(r),
-                 oracle_success=float(oracle.mean()), switch_rate=float(np.mean(ro["switched"])),
-                 reward_vs_oracle_corr=float(np.corrcoef(r, oracle)[0, 1]) if oracle.std() > 0 and r.std() > 0 else None),
-            f"rollouts: {n_ro} in {time.time() - t0:.0f}s ({ro_per_s:.1f}/s) | reward mean {stats['mean']:.3f} "
-            f"bimodality {stats['bimodality']:.2f} | oracle success {oracle.mean():.3f}")
+    finite("rewards", r=r)
+    if not saved:       # saved once, where they were made; variants point --reuse here, --resume reads them
+        atomic_torch_save(dict(args=a, ro=ro, r=r, rollouts_per_s=ro_per_s, before=before), ro_file(a["out"]))
+    stats = rollout_stats(ro, r, ro_per_s, a, rank, log, time.time() - t0)
 
     # ---- 3. weights: w = exp(beta * r) / mean  (sft: w = 1; rejection: w = 1[r >= reject_at])
     if a["baseline"] == "sft":
@@ -162,28 +176,24 @@ def main(argv=None):
     else:
         w = np.exp(a["beta"] * r)
     w = w / max(all_sum(float(w.sum())).item() / max(all_sum(n_ro).item(), 1), 1e-8)
+    finite("weights", w=w)
     w_txt = w if a["weight_on"] in ("multimodal", "text") else np.zeros_like(w)
     w_img = w if a["weight_on"] in ("multimodal", "image") else np.zeros_like(w)
 
     # ---- 4. regression on the rollouts
-    policy.train()
-    raw = policy
-    if world_size > 1:
-        policy = torch.nn.parallel.DistributedDataParallel(policy, find_unused_parameters=True)
+    raw = policy.train()
+    policy = ddp(raw, local, device) if world_size > 1 else raw
     opt = torch.optim.AdamW(raw.parameters(), lr=a["lr"], betas=(0.9, 0.95), weight_decay=0.0)
-    z_all = ae.encode(torch.as_tensor(np.stack(ro["image"]), device=device))   # x0: the judged image, re-encoded
     rng = np.random.default_rng(a["seed"] * world_size + rank)
+    start = runs.load_state(a, rank, raw, opt, None, rng, log)        # --resume: the last training checkpoint
+    z_all = ae.encode(torch.as_tensor(np.stack(ro["image"]), device=device))   # x0: the judged image, re-encoded
     per = a["batch"] // world_size
-    assert per * world_size == a["batch"], "--batch must be divisible by the number of processes"
     amp = torch.autocast(device.split(":")[0], dtype=torch.bfloat16, enabled=a["dtype"] == "bf16")
-    for step in range(a["train_steps"]):
+    for step in range(start, a["train_steps"]):
         idx = rng.choice(n_ro, per, replace=n_ro < per)
         # flow matching on the rollout images:  x_t = (1 - t) x0 + t eps,  t = shift(sigmoid(randn))
         x0 = z_all[torch.as_tensor(idx, device=device)]
-        eps = torch.randn_like(x0)
-        t = torch.sigmoid(torch.randn(len(idx), device=device))
-        t = a["t_shift"] * t / (1 + (a["t_shift"] - 1) * t)
-        x_t = (1 - t[:, None, None]) * x0 + t[:, None, None] * eps
+        x_t, eps, t = M.noised(x0, a["t_shift"])
         x_t_cpu, t_list = x_t.cpu(), t.tolist()                  # one copy each, not one per sample
         samples = []
         for i, j in enumerate(idx):
@@ -200,7 +210,10 @@ def main(argv=None):
         b = M.pack(samples, M.PAD, x0.shape[-1], device)
         with amp:
             ce, v = M.token_losses(policy, b)
-        n_txt = all_sum((b["lw"] > 0).sum()).item()
+        # both terms are means over the batch's samples of w_i times sample i's loss: the text term
+        # divides by every plan token of the batch (not only those with w > 0), so rejection's zeros
+        # count as zeros in both terms and neither term is rescaled by the keep rate
+        n_txt = all_sum(sum(len(ro["think"][j]) for j in idx)).item()
         loss_txt = (ce * b["lw"]).sum() / max(n_txt, 1) * world_size          # sum_i w_i CE_i / n_txt
         wi = torch.as_tensor(w_img[idx], device=device, dtype=torch.float32)
         # mean_i w_i ||v - (eps - x0_i)||^2: the fused Triton kernel on CUDA, its twin elsewhere
@@ -209,18 +222,41 @@ def main(argv=None):
         opt.zero_grad(set_to_none=True)
         loss.backward()
         gn = torch.nn.utils.clip_grad_norm_(raw.parameters(), a["clip"])
+        finite(f"step {step + 1}", loss=loss, grad_norm=gn)
         opt.step()
-        if step % 25 == 0 or step == a["train_steps"] - 1:
-            log.log(dict(phase="train", step=step, loss_txt=loss_txt.item() / world_size, loss_img=loss_img.item(),
+        if (step + 1) % 25 == 0 or step == start or step + 1 == a["train_steps"]:
+            log.log(dict(phase="train", step=step + 1, loss_txt=loss_txt.item() / world_size, loss_img=loss_img.item(),
                          gnorm=gn.item()),
-                    f"step {step}/{a['train_steps']} text {loss_txt.item() / world_size:.4f} image {loss_img.item():.4f} gn {gn.item():.2f}")
+                    f"step {step + 1}/{a['train_steps']} text {loss_txt.item() / world_size:.4f} image {loss_img.item():.4f} gn {gn.item():.2f}")
+        if (step + 1) % a["ckpt_every"] == 0 or step + 1 == a["train_steps"]:
+            runs.save_state(a, rank, step + 1, raw, opt, None, rng)
 
     # ---- after: the same eval, the run folder
     if rank == 0:
-        evaluate.finish(raw, ae, before, eval_specs, ea, device, a, "rwr", log,
-                        reward=stats, hist=R.histogram(r), rollouts_per_s=ro_per_s)
-    if world_size > 1:
-        torch.distributed.destroy_process_group()
+        runs.finish(raw, ae, before, eval_specs, ea, device, a, "rwr", log,
+                    reward=stats, hist=R.histogram(r), rollouts_per_s=ro_per_s)
+    teardown_dist()
+
+
+def rollout_stats(ro, r, ro_per_s, a, rank, log, seconds):
+    """What the rollouts look like before training: reward statistics and histogram (also as PNG),
+    the verifier's success, and how well the reward agrees with it; a grid of 8 prompts."""
+    oracle = R.oracle_binary(ro["spec"], ro["image"])
+    stats = R.reward_stats(r)
+    corr = float(np.corrcoef(r, oracle)[0, 1]) if oracle.std() > 0 and r.std() > 0 else None
+    log.log(dict(phase="rollouts", n=len(r), rollouts_per_s=ro_per_s, reward=stats, hist=R.histogram(r),
+                 oracle_success=float(oracle.mean()), switch_rate=float(np.mean(ro["switched"])),
+                 reward_vs_oracle_corr=corr),
+            f"rollouts: {len(r)} in {seconds:.0f}s ({ro_per_s:.1f}/s) | reward mean {stats['mean']:.3f} "
+            f"bimodality {stats['bimodality']:.2f} | oracle success {oracle.mean():.3f}")
+    if rank == 0:
+        evaluate.histogram_png(R.histogram(r), os.path.join(a["out"], "reward_hist.png"),
+                               f"rwr rewards ({a['reward']}), {len(r)} rollouts")
+        rows = [i * a["N"] for i in range(0, len(r) // a["N"], max(1, len(r) // a["N"] // 8))][:8]
+        evaluate.grid([ro["image"][i:i + a["N"]] for i in rows], os.path.join(a["out"], "rollouts.png"),
+                      [f"{ro['spec'][i]['prompt']} (r: " + " ".join(f"{x:.2f}" for x in r[i:i + 8]) + ")" for i in rows],
+                      [[bool(o) for o in oracle[i:i + a["N"]]] for i in rows], cols=8)
+    return stats
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ by region, and the judgments weight the flow-matching loss token by token.
   python srum.py --reuse ... --reward_level sample | --binary | --no_global | --baseline sft   # the paper's ablations
   python srum.py --reuse ... --reward_map paper          # Eq. 1 as written: R in [-1, 1], repulsion where negative
   python srum.py --report runs/srum                      # table over runs/srum/*: median and spread over seeds
+  python srum.py --out runs/srum/x --resume              # continue a killed run from its last checkpoint
 
 The method (design section 4; the paper's symbols):
   1. candidates  N think-mode generations per prompt: the model writes its plan and itself emits
@@ -38,7 +39,6 @@ Ablations (paper figure 3): --reward_level sample (R = (g + 1) / 2 everywhere: g
 --binary (g and s_i rounded to -1 / +1 before the map: the 0-1 reward), --lambda_c 0 (no KL
 term), --no_global (no R *= (g + 1) / 2), --baseline sft (R = 1, lambda_c 0: SFT on the same images).
 """
-import json
 import os
 import time
 
@@ -49,23 +49,29 @@ import torch.nn.functional as F
 import world
 import model as M
 import rewards as R
+import runs
 import evaluate
-from evaluate import rollouts, prompt_set
 from kernels.loss import velocity_loss
-from common import setup_dist, all_sum, atomic_torch_save, atomic_write, Logger, parse_args
+from common import setup_dist, teardown_dist, ddp, all_sum, finite, atomic_torch_save, parse_args
 
 defaults = dict(
     ckpt="data/base", prompts="random", n_prompts=114, out="runs/srum", seed=0, reuse="", report="",
+    resume=False, overwrite=False,
     # candidates
-    N=16, temperature=1.0, max_think=64, gen_batch=64, steps=25, cfg=1.0, shift=3.0,
+    N=16, temperature=1.0, max_think=64, gen_batch=64, sample_steps=25, cfg=1.0, shift=3.0,
     # judgment and reward map
     judge="self", judge_score="mean", top_k=5, reward_map="code", reward_level="region", binary=False,
     no_global=False, baseline="none",
     # regression
-    lambda_c=0.5, train_steps=150, batch=32, lr=2.5e-5, warmup=10, clip=1.0, t_shift=1.0, cfg_drop=0.1,
+    lambda_c=0.5, train_steps=150, batch=32, lr=2.5e-5, warmup=10, clip=1.0, t_shift=1.0, cfg_drop=0.1, ckpt_every=25,
     # evaluation before / after on the held-out eval set
     eval_n=20, eval_k=2, dtype="fp32",
 )
+choices = dict(judge=("self", "oracle"), judge_score=("mean", "mode"), reward_map=("code", "paper"),
+               reward_level=("region", "sample"), baseline=("none", "sft"), dtype=("fp32", "bf16"))
+ranges = dict(n_prompts=">= 0", N=">= 1", temperature=">= 0", max_think=">= 1", gen_batch=">= 1", sample_steps=">= 1",
+              cfg=">= 0", shift="> 0", top_k=">= 1", lambda_c=">= 0", train_steps=">= 1", batch=">= 1", lr="> 0",
+              warmup=">= 0", clip="> 0", t_shift="> 0", cfg_drop="0..1", ckpt_every=">= 1", eval_n=">= 1", eval_k=">= 1")
 
 
 def reward_map(g, regions, a):
@@ -108,44 +114,36 @@ def label(c):
 
 
 def main(argv=None):
-    a = parse_args(defaults, argv, __doc__)
+    a = parse_args(defaults, argv, __doc__, choices, ranges)
     if a["report"]:
-        return evaluate.report(a["report"], label)
-    for k, ok in (("judge", ("self", "oracle")), ("judge_score", ("mean", "mode")), ("reward_map", ("code", "paper")),
-                  ("reward_level", ("region", "sample")), ("baseline", ("none", "sft"))):
-        if a[k] not in ok:
-            raise ValueError(f"--{k} {a[k]!r}: use one of {ok}")
+        return runs.report(a["report"], label)
     rank, world_size, local, device = setup_dist()
+    if a["batch"] % world_size:
+        raise ValueError(f"--batch {a['batch']} must be divisible by the number of processes ({world_size})")
+    specs = world.prompt_set(a["prompts"], a["n_prompts"], a["seed"])
     torch.manual_seed(a["seed"] + rank)
-    policy, ae, meta = M.load_weights(a["ckpt"], device)
-    if policy is None:
-        raise ValueError(f"{a['ckpt']}.json is an autoencoder-only checkpoint; pass a UMM checkpoint with --ckpt")
-    ae.requires_grad_(False).eval()
-    specs = prompt_set(a["prompts"], a["n_prompts"], a["seed"])
-    log = Logger(a["out"], rank)
-    if rank == 0:
-        atomic_write(os.path.join(a["out"], "config.json"), json.dumps(a, indent=1))
+    policy, ae, meta = runs.load_umm(a["ckpt"], device)
+    log = runs.open_run(a, rank, "srum.py")
 
     # --reuse DIR: the candidates (and before-eval) of an earlier run with the same base, prompts,
-    # seed and process count, and its judgments if the judge is the same: the ablations differ
-    # only from step 4 on
+    # seed, sampler and process count, and its judgments if the judge is the same: the ablations
+    # differ only from step 4 on; --resume: this run's own, if it got that far
     ro_file = lambda d: os.path.join(d, f"candidates.rank{rank}.pt")  # noqa: E731
-    keys = ("ckpt", "prompts", "n_prompts", "N", "seed")
-    saved = evaluate.load_reuse(ro_file(a["reuse"]), a, keys, "srum.py") if a["reuse"] else None
+    saved = runs.saved_rollouts(ro_file(a["reuse"] or a["out"]), a, runs.MADE_WITH, "srum.py") \
+        if a["reuse"] or a["resume"] else None
 
     # ---- before: the base on the held-out eval set (rank 0)
-    eval_specs, ea, before = evaluate.begin(policy, ae, a, saved, rank, log, device)
+    eval_specs, ea, before = runs.begin(policy, ae, a, saved, rank, log, device)
 
     # ---- 1-3. candidates (this rank's share of the prompts), boxes, judgments
     t0 = time.time()
-    same_judge = a["reuse"] and all(saved["args"][k] == a[k] for k in ("judge", "judge_score", "top_k"))
-    if a["reuse"]:
+    if saved:
         ro, ro_per_s = saved["ro"], saved["rollouts_per_s"]
     else:
         gen = torch.Generator(device).manual_seed(1000 + a["seed"] * world_size + rank)
-        ro = rollouts(policy, ae, specs[rank::world_size], a["N"], a, device, gen)
+        ro = runs.rollouts(policy, ae, specs[rank::world_size], a["N"], a, device, gen, what="candidates")
         ro_per_s = all_sum(len(ro["spec"])).item() / (time.time() - t0)
-    if same_judge:
+    if saved and all(saved["args"][k] == a[k] for k in ("judge", "judge_score", "top_k")):
         g, regions = saved["g"], saved["regions"]
     else:
         t1 = time.time()
@@ -155,26 +153,11 @@ def main(argv=None):
             g, regions = R.oracle_judge(ro["spec"], ro["image"], k=a["top_k"])
         log.log(dict(phase="judge", seconds=time.time() - t1, queries=len(g) + sum(map(len, regions))),
                 f"judged {len(g)} images and {sum(map(len, regions))} regions in {time.time() - t1:.0f}s")
-    if not a["reuse"]:      # saved once, where they were made; ablations point --reuse here
-        os.makedirs(a["out"], exist_ok=True)
+    finite("judgments", g=g, s=[s for r in regions for _, s in r])
+    if not saved:      # saved once, where they were made; ablations point --reuse here, --resume reads them
         atomic_torch_save(dict(args=a, ro=ro, g=g, regions=regions, rollouts_per_s=ro_per_s,
                                before=before), ro_file(a["out"]))
-    n_ro = len(ro["spec"])
-    # how well the judge agrees with the exact verifier on these very candidates (the premise)
-    g_ideal, reg_ideal = (g, regions) if a["judge"] == "oracle" else R.oracle_judge(ro["spec"], ro["image"], k=a["top_k"])
-    correct = (g_ideal == 1).astype(np.float32)      # the ideal judge's g is 1 exactly when the verifier accepts
-    s_j = np.array([s for r in regions for _, s in r]); s_i = np.array([s for r in reg_ideal for _, s in r])
-    corr = lambda x, y: float(np.corrcoef(x, y)[0, 1]) if len(x) > 1 and x.std() > 0 and y.std() > 0 else None  # noqa: E731
-    stats = R.reward_stats((g + 1) / 2)
-    fmt = lambda x: "n/a" if x is None else f"{x:.3f}"  # noqa: E731
-    judge_rec = dict(g_vs_correct=corr(g, correct), g_vs_ideal=corr(g, g_ideal),
-                     region_vs_ideal=corr(s_j, s_i) if len(s_j) == len(s_i) else None,
-                     region_sign_acc=float(np.mean((s_j > 0) == (s_i > 0))) if len(s_j) == len(s_i) and len(s_j) else None)
-    log.log(dict(phase="candidates", n=n_ro, rollouts_per_s=ro_per_s, reward=stats, hist=R.histogram((g + 1) / 2),
-                 oracle_success=float(correct.mean()), switch_rate=float(np.mean(ro["switched"])), judge=judge_rec),
-            f"candidates: {n_ro} ({ro_per_s:.1f}/s) | global reward mean {stats['mean']:.3f} | oracle success "
-            f"{correct.mean():.3f} | judge vs verifier, corr: g {fmt(judge_rec['g_vs_correct'])}, regions "
-            f"{fmt(judge_rec['region_vs_ideal'])}")
+    judge_rec, stats = judge_vs_verifier(ro, g, regions, ro_per_s, a, log)
 
     # ---- 4. reward maps over the image tokens (sft: R = 1 and no L_ref)
     maps = [reward_map(float(gi), ri, a) for gi, ri in zip(g, regions)]
@@ -182,38 +165,24 @@ def main(argv=None):
     lam = a["lambda_c"]
     if a["baseline"] == "sft":
         Rtok, lam = np.ones_like(Rtok), 0.0
-    if rank == 0:   # what the maps look like: image | its pixel map | its token map, 8 candidates
-        def gray(m):    # [0, 1] -> black..white; the paper's map [-1, 1] -> black..white with 0 grey
-            m = (m + 1) / 2 if a["reward_map"] == "paper" else m
-            return np.repeat((np.clip(m, 0, 1) * 255).astype(np.uint8)[..., None], 3, -1)
-        s = world.W // int(np.sqrt(M.N_IMG))
-        rows = [[ro["image"][i], gray(maps[i][1]), gray(np.kron(Rtok[i].reshape(world.W // s, -1), np.ones((s, s))))]
-                for i in np.linspace(0, n_ro - 1, 8).astype(int)]
-        evaluate.grid(rows, len(rows), 3, os.path.join(a["out"], "reward_maps.png"))
-        log.log(dict(phase="maps", token_reward_mean=float(Rtok.mean()), token_reward_std=float(Rtok.std()),
-                     token_reward_min=float(Rtok.min())),
-                f"reward maps: token mean {Rtok.mean():.3f} std {Rtok.std():.3f} min {Rtok.min():.3f} (grid: reward_maps.png)")
+    if rank == 0:
+        draw_maps(ro, maps, Rtok, a, log)
 
     # ---- 5. the regression: L = mean(R * ||v - (eps - x0)||^2) + lambda_c * mean(||v - (eps - x0)||^2)
-    policy.train()
-    raw = policy
-    if world_size > 1:
-        policy = torch.nn.parallel.DistributedDataParallel(policy, find_unused_parameters=True)
+    raw = policy.train()
+    policy = ddp(raw, local, device) if world_size > 1 else raw
     opt = torch.optim.AdamW(raw.parameters(), lr=a["lr"], betas=(0.9, 0.95), eps=1e-15, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(1, a["warmup"])))  # then constant
-    z_all = ae.encode(torch.as_tensor(np.stack(ro["image"]), device=device))   # x0_gt: the candidate, re-encoded
     rng = np.random.default_rng(a["seed"] * world_size + rank)
-    per = a["batch"] // world_size
-    assert per * world_size == a["batch"], "--batch must be divisible by the number of processes"
+    start = runs.load_state(a, rank, raw, opt, sched, rng, log)       # --resume: the last training checkpoint
+    z_all = ae.encode(torch.as_tensor(np.stack(ro["image"]), device=device))   # x0_gt: the candidate, re-encoded
+    per, n_ro = a["batch"] // world_size, len(ro["spec"])
     amp = torch.autocast(device.split(":")[0], dtype=torch.bfloat16, enabled=a["dtype"] == "bf16")
-    for step in range(a["train_steps"]):
+    for step in range(start, a["train_steps"]):
         idx = rng.choice(n_ro, per, replace=n_ro < per)
         # flow matching on the candidates: x_t = (1 - t) x0 + t eps, t = shift(sigmoid(randn))
         x0 = z_all[torch.as_tensor(idx, device=device)]
-        eps = torch.randn_like(x0)
-        t = torch.sigmoid(torch.randn(len(idx), device=device))
-        t = a["t_shift"] * t / (1 + (a["t_shift"] - 1) * t)
-        x_t = (1 - t[:, None, None]) * x0 + t[:, None, None] * eps
+        x_t, eps, t = M.noised(x0, a["t_shift"])
         x_t_cpu, t_list = x_t.cpu(), t.tolist()
         samples = []
         for i, j in enumerate(idx):
@@ -233,18 +202,62 @@ def main(argv=None):
         opt.zero_grad(set_to_none=True)
         loss.backward()
         gn = torch.nn.utils.clip_grad_norm_(raw.parameters(), a["clip"])
+        finite(f"step {step + 1}", loss=loss, grad_norm=gn)
         opt.step()
         sched.step()
-        if step % 25 == 0 or step == a["train_steps"] - 1:
-            log.log(dict(phase="train", step=step, loss=loss.item(), gnorm=gn.item(), lr=sched.get_last_lr()[0]),
-                    f"step {step}/{a['train_steps']} loss {loss.item():.4f} gn {gn.item():.2f}")
+        if (step + 1) % 25 == 0 or step == start or step + 1 == a["train_steps"]:
+            log.log(dict(phase="train", step=step + 1, loss=loss.item(), gnorm=gn.item(), lr=sched.get_last_lr()[0]),
+                    f"step {step + 1}/{a['train_steps']} loss {loss.item():.4f} gn {gn.item():.2f}")
+        if (step + 1) % a["ckpt_every"] == 0 or step + 1 == a["train_steps"]:
+            runs.save_state(a, rank, step + 1, raw, opt, sched, rng)
 
     # ---- after: the same eval, the run folder
     if rank == 0:
-        evaluate.finish(raw, ae, before, eval_specs, ea, device, a, "srum", log, reward=stats, hist=R.histogram((g + 1) / 2),
-                        rollouts_per_s=ro_per_s, judge=judge_rec, token_reward_mean=float(Rtok.mean()))
-    if world_size > 1:
-        torch.distributed.destroy_process_group()
+        runs.finish(raw, ae, before, eval_specs, ea, device, a, "srum", log, reward=stats, hist=R.histogram((g + 1) / 2),
+                    rollouts_per_s=ro_per_s, judge=judge_rec, token_reward_mean=float(Rtok.mean()))
+    teardown_dist()
+
+
+# ----------------------------------------------------------------------------- diagnostics (not the method)
+
+def judge_vs_verifier(ro, g, regions, ro_per_s, a, log):
+    """How well the judge agrees with the exact verifier on these very candidates (SRUM's premise:
+    the model understands its images better than it draws them). Returns (record, reward stats)."""
+    g_ideal, reg_ideal = (g, regions) if a["judge"] == "oracle" else R.oracle_judge(ro["spec"], ro["image"], k=a["top_k"])
+    correct = (g_ideal == 1).astype(np.float32)      # the ideal judge's g is 1 exactly when the verifier accepts
+    s_j = np.array([s for r in regions for _, s in r]); s_i = np.array([s for r in reg_ideal for _, s in r])
+    corr = lambda x, y: float(np.corrcoef(x, y)[0, 1]) if len(x) > 1 and x.std() > 0 and y.std() > 0 else None  # noqa: E731
+    stats = R.reward_stats((g + 1) / 2)
+    fmt = lambda x: "n/a" if x is None else f"{x:.3f}"  # noqa: E731
+    rec = dict(g_vs_correct=corr(g, correct), g_vs_ideal=corr(g, g_ideal),
+               region_vs_ideal=corr(s_j, s_i) if len(s_j) == len(s_i) else None,
+               region_sign_acc=float(np.mean((s_j > 0) == (s_i > 0))) if len(s_j) == len(s_i) and len(s_j) else None)
+    log.log(dict(phase="candidates", n=len(g), rollouts_per_s=ro_per_s, reward=stats, hist=R.histogram((g + 1) / 2),
+                 oracle_success=float(correct.mean()), switch_rate=float(np.mean(ro["switched"])), judge=rec),
+            f"candidates: {len(g)} ({ro_per_s:.1f}/s) | global reward mean {stats['mean']:.3f} | oracle success "
+            f"{correct.mean():.3f} | judge vs verifier, corr: g {fmt(rec['g_vs_correct'])}, regions "
+            f"{fmt(rec['region_vs_ideal'])}")
+    evaluate.histogram_png(R.histogram((g + 1) / 2), os.path.join(a["out"], "reward_hist.png"),
+                           f"srum global reward (g + 1) / 2, judge {a['judge']}, {len(g)} candidates")
+    return rec, stats
+
+
+def draw_maps(ro, maps, Rtok, a, log):
+    """What the maps look like: image | its pixel map | its token map, 8 candidates, each row
+    labelled with its prompt and the image framed by the verifier's verdict."""
+    def gray(m):    # [0, 1] -> black..white; the paper's map [-1, 1] -> black..white with 0 grey
+        m = (m + 1) / 2 if a["reward_map"] == "paper" else m
+        return np.repeat((np.clip(m, 0, 1) * 255).astype(np.uint8)[..., None], 3, -1)
+    s = world.W // int(np.sqrt(M.N_IMG))
+    pick = np.linspace(0, len(maps) - 1, 8).astype(int)
+    ok = R.oracle_binary([ro["spec"][i] for i in pick], [ro["image"][i] for i in pick])
+    rows = [[ro["image"][i], gray(maps[i][1]), gray(np.kron(Rtok[i].reshape(world.W // s, -1), np.ones((s, s))))]
+            for i in pick]
+    evaluate.grid(rows, os.path.join(a["out"], "reward_maps.png"), [ro["spec"][i]["prompt"] for i in pick],
+                  [[bool(o), None, None] for o in ok])
+    log.log(dict(phase="maps", token_reward_mean=float(Rtok.mean()), token_reward_std=float(Rtok.std()),
+                 token_reward_min=float(Rtok.min())),
+            f"reward maps: token mean {Rtok.mean():.3f} std {Rtok.std():.3f} min {Rtok.min():.3f} (grid: reward_maps.png)")
 
 
 if __name__ == "__main__":

@@ -285,7 +285,7 @@ def tiny_ckpt(tmp_path_factory):
 
 def test_evaluate_runs_and_writes_grid(tiny_ckpt, tmp_path):
     import evaluate
-    s = evaluate.main(["--ckpt", tiny_ckpt, "--n", "1", "--k", "1", "--steps", "2", "--max_think", "4",
+    s = evaluate.main(["--ckpt", tiny_ckpt, "--n", "1", "--k", "1", "--sample_steps", "2", "--max_think", "4",
                        "--out", str(tmp_path)])
     assert (tmp_path / "grid_think.png").exists() and (tmp_path / "summary.json").exists()
     assert set(s["per_tag"]) == set(__import__("world").TAGS) and 0 <= s["und"] <= 1
@@ -319,7 +319,7 @@ def test_rwr_mines_and_trains_end_to_end(tiny_ckpt, tmp_path):
     """Weakness mining writes a prompt file; RWR runs rollouts, rewards, regression, before/after."""
     import rwr
     prompts = str(tmp_path / "mmgw.jsonl")
-    quick = ["--steps", "2", "--max_think", "6"]
+    quick = ["--sample_steps", "2", "--max_think", "6"]
     rwr.main(["--mine", "--ckpt", tiny_ckpt, "--prompts", prompts, "--candidates", "1", "--K", "2",
               "--keep_lo", "0", "--keep_hi", "1"] + quick)
     import world
@@ -379,7 +379,7 @@ def test_srum_end_to_end_reuse_ablations_and_report(tiny_ckpt, tmp_path):
     on the same candidates; the oracle judge re-judges them; the report; bad switches."""
     import srum
     args = ["--ckpt", tiny_ckpt, "--prompts", "random", "--n_prompts", "3", "--N", "2", "--train_steps", "2",
-            "--batch", "4", "--eval_n", "1", "--eval_k", "1", "--steps", "2", "--max_think", "6"]
+            "--batch", "4", "--eval_n", "1", "--eval_k", "1", "--sample_steps", "2", "--max_think", "6"]
     out = tmp_path / "full"
     srum.main(args + ["--out", str(out), "--cfg_drop", "0.5"])
     s = json.load(open(out / "summary.json"))

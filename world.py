@@ -20,6 +20,7 @@ import json
 import os
 import re
 from collections import Counter
+from itertools import zip_longest
 
 import numpy as np
 
@@ -894,6 +895,65 @@ def _check_items(spec, where):
                 p = it["position"]
                 if not (isinstance(p, list) and len(p) == 2 and p[0] in RELATIONS and p[1] in range(len(inc)) and p[1] != i):
                     raise bad(f"position must be [relation, index of another include item], relation one of {RELATIONS}")
+
+# -----------------------------------------------------------------------------
+# prompt sets: the eval split and the training prompts the methods draw
+
+def eval_prompts():
+    """Eval prompts that training must not draw: those of tags whose prompt space is at least 4x
+    the eval set's share of it. Small spaces (single_object has 5 prompts, size about 50) cannot
+    be held out -- as GenEval's "a photo of a cat" is no secret to any real model; there the
+    held-out (colour, shape) pairs and (shape, relation, shape) triples test generalisation."""
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "eval.jsonl")
+    if not os.path.exists(path):
+        return set()
+    by_tag = {}
+    for s in load_specs(path):
+        by_tag.setdefault(s["tag"], set()).add(s["prompt"])
+    rng = np.random.default_rng(0)
+    space = {t: len({sample_spec(t, rng, holdout="any")["prompt"] for _ in range(2000)}) for t in by_tag}
+    return {p for t, ps in by_tag.items() if space[t] >= 4 * len(ps) for p in ps}
+
+
+def candidates(per_tag, rng):
+    """Up to per_tag distinct prompts of every tag, never an eval prompt (the pre-training rule),
+    listed tag by tag: the pool for weakness mining and for training on random prompts."""
+    banned = eval_prompts()
+    cands = []
+    for tag in TAGS:
+        seen = set()
+        for _ in range(50 * per_tag):
+            s = sample_spec(tag, rng, holdout="any")
+            if s["prompt"] not in banned and s["prompt"] not in seen:
+                seen.add(s["prompt"]); cands.append(s)
+            if len(seen) == per_tag:
+                break
+    return cands
+
+
+def prompt_set(prompts, n, seed):
+    """Training prompts: a prompt file, or "random" (n candidates per tag, never an eval prompt,
+    drawn with seed); taken round-robin over tags, then the first n (0 = all), so a file listed
+    tag by tag still gives every tag its share."""
+    pool = candidates(n, np.random.default_rng(10_000 + seed)) if prompts == "random" else load_specs(prompts)
+    if not pool:
+        raise ValueError(f"{prompts}: the prompt file holds no prompts; pass a file with at least one line "
+                         f"(e.g. data/mmgw.jsonl) or --prompts random")
+    by_tag = {}
+    for s in pool:
+        by_tag.setdefault(s["tag"], []).append(s)
+    specs = [s for group in zip_longest(*by_tag.values()) for s in group if s is not None]
+    return specs[:n] if n else specs
+
+
+def pick(specs, n):
+    """The first n specs of every tag (the eval file lists tags in blocks)."""
+    out, seen = [], {}
+    for s in specs:
+        if seen.get(s["tag"], 0) < n:
+            out.append(s); seen[s["tag"]] = seen.get(s["tag"], 0) + 1
+    return out
+
 
 def write_eval(path="data/eval.jsonl", n_per_tag=50, seed=1234):
     """The fixed eval set: n_per_tag prompts per tag drawn with holdout="any" (so held-out

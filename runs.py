@@ -1,0 +1,261 @@
+"""
+The plumbing the method scripts share (rwr.py, srum.py, unified_grpo.py, irg.py): plain
+functions, no framework. Each method's main() reads as its paper's steps and calls these
+around them:
+
+  load_umm          a UMM checkpoint (model.load_weights checks every file; this refuses AE-only ones)
+  open_run          the run folder: refuses a folder that holds a run unless --resume or --overwrite,
+                    writes config.json, returns the metrics log (resumed: replayed records dropped)
+  saved_rollouts    what an earlier run saved (--reuse DIR, or this run's own folder on --resume),
+                    checked to match this run on every setting that made it
+  rollouts          batched, KV-cached think-mode generations, with progress and an ETA
+  begin / finish    the before-eval; the post-trained checkpoint, the same eval after, summary.json/md
+  save_state / load_state   mid-training checkpoints (weights, optimiser, schedule, RNG) for --resume
+  report            --report DIR: median and spread over seeds, gain paired by seed
+Grids and the reward histogram PNG are drawn by evaluate.py (it draws every picture).
+"""
+import json
+import os
+import time
+
+import numpy as np
+import torch
+
+import world
+import model as M
+import evaluate
+from common import atomic_torch_save, atomic_write, Logger
+
+# the settings that make a method's rollouts and its before-eval: a reused or resumed run must
+# match them all, else its before/after and its training data would come from different settings
+MADE_WITH = ("ckpt", "prompts", "n_prompts", "N", "seed", "temperature", "max_think", "sample_steps", "cfg",
+             "shift", "eval_n", "eval_k")
+# flags that say how to run, not what: they may differ between a run and its --resume
+HOW = ("resume", "overwrite", "report", "out")
+
+
+def load_umm(path, device):
+    """(model, ae, meta) of a UMM checkpoint; the AE is frozen."""
+    model, ae, meta = M.load_weights(path, device)
+    if model is None:
+        raise ValueError(f"{path}.json is an autoencoder-only checkpoint; pass a UMM checkpoint with --ckpt "
+                         f"(e.g. data/base)")
+    ae.requires_grad_(False).eval()
+    return model, ae, meta
+
+
+def holds_run(d):
+    return os.path.exists(os.path.join(d, "config.json")) or os.path.exists(os.path.join(d, "metrics.jsonl"))
+
+
+def open_run(a, rank, script):
+    """The run folder a["out"]. A folder that already holds a run is not written into unless
+    --resume (continue it: the config must match) or --overwrite (start again: its files are
+    replaced one by one as the new run writes them). Returns the Logger."""
+    out, cfg_path = a["out"], os.path.join(a["out"], "config.json")
+    if a.get("resume"):
+        if not os.path.exists(cfg_path):
+            raise FileNotFoundError(f"--resume: {cfg_path} not found; there is no run to continue in {out} "
+                                    f"(drop --resume to start one)")
+        old = json.load(open(cfg_path))
+        diff = [k for k in a if k not in HOW and old.get(k) != a[k]]
+        if diff:
+            raise ValueError(f"--resume {out}: the run was started with " +
+                             ", ".join(f"--{k} {old.get(k)}" for k in diff) + "; this call has " +
+                             ", ".join(f"--{k} {a[k]}" for k in diff) + ": pass the same values (or drop them)")
+    elif holds_run(out) and not a.get("overwrite"):
+        raise FileExistsError(f"{out} already holds a run ({script}); continue it with --resume, start it again "
+                              f"with --overwrite, or pass another --out")
+    log = Logger(out, rank)
+    if a.get("resume"):
+        log.resume()
+    if rank == 0:
+        os.makedirs(out, exist_ok=True)
+        if not a.get("resume"):
+            if os.path.exists(log.path):
+                os.remove(log.path)         # --overwrite: a new run does not append to the old log
+            atomic_write(cfg_path, json.dumps(a, indent=1))
+    return log
+
+
+def saved_rollouts(path, a, keys, script):
+    """The rollouts (+ rewards, before-eval) an earlier run saved at `path`, checked to match this
+    run on `keys` (--reuse: another run's folder; --resume: this run's own). None if a resumed run
+    was killed before it saved them (they are made again, deterministically)."""
+    if not os.path.exists(path):
+        if a.get("resume") and not a.get("reuse"):
+            return None
+        raise FileNotFoundError(f"{path}: no saved rollouts; --reuse needs the folder of an earlier {script} run "
+                                f"with the same number of processes")
+    saved = torch.load(path, weights_only=False)
+    for k in keys:
+        if saved["args"].get(k) != a[k]:
+            raise ValueError(f"--reuse {a['reuse'] or a['out']}: it was made with --{k} {saved['args'].get(k)}, this "
+                             f"run has --{k} {a[k]}; pass the same value or drop --reuse")
+    return saved
+
+
+class Progress:
+    """One line per `every` seconds: done/total, rate and ETA (long phases are not silent)."""
+
+    def __init__(self, what, total, log=print, every=15.0):
+        self.what, self.total, self.log, self.every = what, total, log, every
+        self.t0 = self.last = time.time()
+
+    def __call__(self, done):
+        now = time.time()
+        if now - self.last >= self.every and done < self.total:
+            rate = done / (now - self.t0)
+            self.log(f"  {self.what}: {done}/{self.total} ({rate:.1f}/s, eta {(self.total - done) / max(rate, 1e-9):.0f} s)")
+            self.last = now
+
+
+@torch.no_grad()
+def rollouts(model, ae, specs, n, a, device, gen, what="rollouts"):
+    """n think-mode generations per spec (temperature, max_think, sample_steps, cfg, shift from a):
+    dict of lists (spec, think tokens, switched, image)."""
+    jobs = [s for s in specs for _ in range(n)]
+    out = dict(spec=[], think=[], switched=[], image=[])
+    prog = Progress(what, len(jobs))
+    for i in range(0, len(jobs), a["gen_batch"]):
+        chunk = jobs[i:i + a["gen_batch"]]
+        g = M.generate(model, [world.encode(s["prompt"]) for s in chunk], mode="think", max_think=a["max_think"],
+                       temperature=a["temperature"], generator=gen, steps=a["sample_steps"], cfg=a["cfg"],
+                       shift=a["shift"])
+        out["spec"] += chunk
+        out["think"] += g["think"]
+        out["switched"] += g["switched"].tolist()
+        out["image"] += list(ae.decode(g["z"], world.PALETTE).cpu().numpy())
+        prog(len(out["spec"]))
+    return out
+
+
+def eval_settings(a):
+    """The before/after eval of a method run: its first eval_n prompts per tag, eval_k images each,
+    think mode, evaluate.py's sampler."""
+    return world.pick(world.load_specs("data/eval.jsonl"), a["eval_n"]), \
+        dict(evaluate.defaults, k=a["eval_k"], modes="think", seed=a["seed"])
+
+
+def begin(model, ae, a, saved, rank, log, device):
+    """The start of a method's run: the eval set and sampler settings, and on rank 0 the base's
+    before-eval (before/), taken from `saved` when the run reuses (or resumes) one.
+    Returns (eval_specs, ea, before); before is None off rank 0."""
+    eval_specs, ea = eval_settings(a)
+    before = None
+    if rank == 0:
+        if saved and saved.get("before"):
+            before = saved["before"]
+        else:
+            print(f"before-eval: {len(eval_specs)} prompts x {ea['k']} images ...", flush=True)
+            before = evaluate.evaluate(model, ae, eval_specs, ea, device, os.path.join(a["out"], "before"),
+                                       log=lambda *_: None)
+        log.log(dict(phase="before", gen_think=before["gen_think"], und=before["und"]),
+                f"before: gen_think {before['gen_think']:.3f} und {before['und']:.3f}")
+    return eval_specs, ea, before
+
+
+def state_path(a, rank):
+    return os.path.join(a["out"], f"state.rank{rank}.pt")
+
+
+def save_state(a, rank, step, model, opt, sched, rng):
+    """Mid-training checkpoint of this rank (atomic): fp32 weights, optimiser, LR schedule,
+    torch and numpy RNG states: a resumed run continues exactly where this one stood."""
+    atomic_torch_save(dict(step=step, model=model.state_dict(), opt=opt.state_dict(),
+                           sched=sched.state_dict() if sched is not None else None,
+                           torch_rng=torch.get_rng_state(), np_rng=rng.bit_generator.state),
+                      state_path(a, rank))
+
+
+def load_state(a, rank, model, opt, sched, rng, log):
+    """--resume: restore the last mid-training checkpoint (if any); returns the step to start at.
+    metrics.jsonl keeps the records of steps before it, so no step is logged twice."""
+    if not (a.get("resume") and os.path.exists(state_path(a, rank))):
+        return 0
+    st = torch.load(state_path(a, rank), weights_only=False)
+    model.load_state_dict(st["model"])
+    opt.load_state_dict(st["opt"])
+    if sched is not None:
+        sched.load_state_dict(st["sched"])
+    torch.set_rng_state(st["torch_rng"])
+    rng.bit_generator.state = st["np_rng"]
+    log.resume_at(st["step"])
+    print(f"resumed {a['out']} at training step {st['step']}", flush=True)
+    return st["step"]
+
+
+def finish(model, ae, before, eval_specs, ea, device, a, method, log, **extra):
+    """The end of a method's run folder: the post-trained checkpoint (ckpt.*), the same eval as
+    before (after/), summary.json (before/after overall, understanding and per tag, plus `extra`)
+    and summary.md (the per-tag table). Returns the after-eval."""
+    model.eval()
+    M.save_weights(os.path.join(a["out"], "ckpt"), model, ae, dict(method=method, base=a["ckpt"], args=a))
+    print(f"after-eval: {len(eval_specs)} prompts x {ea['k']} images ...", flush=True)
+    after = evaluate.evaluate(model, ae, eval_specs, ea, device, os.path.join(a["out"], "after"), log=lambda *_: None)
+    tags = list(before["per_tag"])
+    table = "\n".join(["| tag | before | after |", "|---|---|---|"] +
+                      [f"| {t} | {before['per_tag'][t]['gen_think']:.3f} | {after['per_tag'][t]['gen_think']:.3f} |" for t in tags] +
+                      [f"| overall | {before['gen_think']:.3f} | {after['gen_think']:.3f} |",
+                       f"| understanding | {before['und']:.3f} | {after['und']:.3f} |"])
+    summary = dict(before=before["gen_think"], after=after["gen_think"], und_before=before["und"], und_after=after["und"],
+                   **extra, per_tag={t: (before["per_tag"][t]["gen_think"], after["per_tag"][t]["gen_think"]) for t in tags})
+    atomic_write(os.path.join(a["out"], "summary.json"), json.dumps(summary, indent=1))
+    atomic_write(os.path.join(a["out"], "summary.md"), table + "\n")
+    log.log(dict(phase="after", gen_think=after["gen_think"], und=after["und"]), table)
+    return after
+
+
+def report(root, label):
+    """Median and half-range over seeds of every variant under root/*/summary.json, per
+    tag and overall (label(config) names a run's variant; the base row is each seed's
+    before-eval), the gain paired by seed, and the reward histograms. Writes root/report.md.
+    Runs that never finished (a config.json and no summary.json) are listed, not skipped silently."""
+    if not os.path.isdir(root):
+        raise FileNotFoundError(f"--report {root}: no such folder; pass the folder that holds the runs (e.g. runs/rwr)")
+    runs, unfinished = [], []
+    for d in sorted(os.listdir(root)):
+        f = os.path.join(root, d, "summary.json")
+        if os.path.exists(f):
+            s = json.load(open(f))
+            c = json.load(open(os.path.join(root, d, "config.json")))
+            runs.append((label(c), c["seed"], s))
+        elif os.path.exists(os.path.join(root, d, "config.json")):
+            unfinished.append(d)
+    if not runs:
+        raise FileNotFoundError(f"{root}: no */summary.json; run the method with --out {root}/NAME first"
+                                + (f" (unfinished: {unfinished}; finish them with --resume)" if unfinished else ""))
+    tags = list(runs[0][2]["per_tag"])
+    rows = {"base": {}}
+    for name, seed, s in runs:     # one base value per seed (its before-eval), then each variant
+        rows["base"].setdefault(seed, dict({t: v[0] for t, v in s["per_tag"].items()}, overall=s["before"], und=s["und_before"]))
+        rows.setdefault(name, {})[seed] = dict({t: v[1] for t, v in s["per_tag"].items()}, overall=s["after"], und=s["und_after"])
+    cols = tags + ["overall", "und"]
+    fmt = lambda v: f"{np.median(v):.3f} ± {(max(v) - min(v)) / 2:.3f}"  # noqa: E731
+    lines = ["| variant | seeds | " + " | ".join(cols) + " |", "|---" * (len(cols) + 2) + "|"]
+    for name, by_seed in rows.items():
+        lines.append(f"| {name} | {len(by_seed)} | " + " | ".join(fmt([r[c] for r in by_seed.values()]) for c in cols) + " |")
+    lines += ["", "median over seeds ± half the range; gen accuracy in think mode, und = yes/no VQA on the same prompts", ""]
+    # paired by seed: each run's before-eval and after-eval draw the same eval images, so the
+    # gain over the base of that seed is the less noisy number
+    seeds = sorted(rows["base"])
+    lines += ["| variant | " + " | ".join(f"s{k}" for k in seeds) + " | gain over base, per seed | median gain |",
+              "|---" * (len(seeds) + 3) + "|"]
+    for name, by_seed in rows.items():
+        gains = [by_seed[k]["overall"] - rows["base"][k]["overall"] for k in seeds if k in by_seed]
+        lines.append(f"| {name} | " + " | ".join(f"{by_seed[k]['overall']:.3f}" if k in by_seed else "" for k in seeds)
+                     + " | " + ("" if name == "base" else ", ".join(f"{g:+.3f}" for g in gains))
+                     + " | " + ("" if name == "base" else f"{np.median(gains):+.3f}") + " |")
+    if all("hist" in s for _, _, s in runs):
+        lines += ["", "| run | reward mean | bimodality | histogram (10 bins over [0, 1]) |", "|---|---|---|---|"]
+        seen = set()      # variants trained on reused rollouts repeat their reward histogram: print it once
+        for name, seed, s in runs:
+            if (seed, tuple(s["hist"])) not in seen:
+                seen.add((seed, tuple(s["hist"])))
+                lines.append(f"| {name} s{seed} | {s['reward']['mean']:.3f} | {s['reward']['bimodality']:.2f} | {s['hist']} |")
+    if unfinished:
+        lines += ["", f"unfinished runs (no summary.json; `--resume` finishes them): {', '.join(unfinished)}"]
+    text = "\n".join(lines) + "\n"
+    atomic_write(os.path.join(root, "report.md"), text)
+    print(text)
+    return rows
