@@ -89,6 +89,15 @@ class Logger:
             print(line, flush=True)
 
 
+def claim_run_dir(out, resume, overwrite, script):
+    """A run folder that already holds a run is written into only when told: --resume continues
+    it, --overwrite starts again there. Anything else raises before any work starts."""
+    held = [f for f in ("config.json", "metrics.jsonl", "state.pt", "ckpt.json") if os.path.exists(os.path.join(out, f))]
+    if held and not (resume or overwrite):
+        raise FileExistsError(f"{out} already holds a run ({', '.join(held)}); continue it with --resume, start "
+                              f"it again with --overwrite, or pass another --out ({script})")
+
+
 def ddp(model, local, device):
     """Wrap for DDP (the caller keeps the raw module for saving and the optimiser).
     find_unused_parameters: a small per-rank batch may hold no clean image or no noise image,

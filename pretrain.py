@@ -26,6 +26,7 @@ do held-out (colour, shape) pairs or (shape, relation, shape) triples, nor eval 
 """
 import math
 import os
+import signal
 import time
 
 # the world's detector uses numpy matmuls: one BLAS thread per data worker, else 15 workers x
@@ -38,15 +39,20 @@ import torch.nn.functional as F
 import world
 import model as M
 from kernels.loss import velocity_loss
-from common import setup_dist, all_sum, atomic_torch_save, Logger, parse_args
+from common import setup_dist, teardown_dist, ddp, all_sum, finite, claim_run_dir, atomic_torch_save, Logger, parse_args
 
 defaults = dict(
-    stage="umm", out="runs/base", ae="runs/ae/ckpt", init_from="", resume=False,
+    stage="umm", out="runs/base", ae="runs/ae/ckpt", init_from="", resume=False, overwrite=False,
     depth=8, batch=128, steps=20000, lr=3e-4, warmup=300, cooldown=0.2, wd=0.0, clip=1.0,
     ema=0.999, t_shift=1.0, cfg_drop=0.1, dtype="bf16", workers=2, seed=0,
     log_every=50, ckpt_every=1000, eval_every=0, eval_n=8, minutes=0.0, max_minutes=0.0, stop_after=0, dump_grads="",
     ae_init="", ae_steps=3000, ae_minutes=0.0, ae_batch=32, ae_width=16, ae_lr=2e-3, ae_noise=0.2,
 )
+choices = dict(stage=("ae", "umm"), dtype=("fp32", "bf16"))
+ranges = dict(depth=">= 1", batch=">= 1", steps=">= 1", lr="> 0", warmup=">= 1", cooldown="0..1", wd=">= 0", clip="> 0",
+              ema="0..1", t_shift="> 0", cfg_drop="0..1", workers=">= 0", log_every=">= 1", ckpt_every=">= 1",
+              eval_every=">= 0", eval_n=">= 1", minutes=">= 0", max_minutes=">= 0", stop_after=">= 0", ae_steps=">= 1",
+              ae_minutes=">= 0", ae_batch=">= 1", ae_width=">= 8", ae_lr="> 0", ae_noise=">= 0")
 MIX = dict(t2i=0.24, think=0.2, caption=0.1, vqa=0.16, judge=0.07, region=0.07, reflect=0.1, fact=0.06)
 IMAGE_TAGS = [t for t in world.TAGS if t not in ("knowledge", "counting_hard")]
 
@@ -273,10 +279,20 @@ def train_ae(a, device, log):
 # ----------------------------------------------------------------------------- stage 2: the UMM
 
 def main(argv=None):
-    a = parse_args(defaults, argv, __doc__)
+    a = parse_args(defaults, argv, __doc__, choices, ranges)
     rank, world_size, local, device = setup_dist()
+    if a["batch"] % world_size:
+        raise ValueError(f"--batch {a['batch']} must be divisible by the number of processes ({world_size})")
+    # a folder that holds a run is continued (--resume) or replaced (--overwrite), never silently
+    claim_run_dir(a["out"], a["resume"], a["overwrite"], "pretrain.py")
     log = Logger(a["out"], rank)
+    if rank == 0 and a["overwrite"] and not a["resume"] and os.path.exists(log.path):
+        os.remove(log.path)
     os.makedirs(a["out"], exist_ok=True)
+    # SIGTERM (a scheduler's or a user's `kill`, forwarded to every rank by torchrun) ends the run
+    # after the step in flight, with a checkpoint: continue it with --resume
+    term = []
+    signal.signal(signal.SIGTERM, lambda *_: term.append(1))
     if a["stage"] == "ae":
         ae, rate = train_ae(a, device, log)
         if rank == 0:
@@ -296,9 +312,7 @@ def main(argv=None):
     ema = {k: v.detach().clone().float() for k, v in umm.state_dict().items()}
     raw = umm
     if world_size > 1:
-        # find_unused: a small per-rank batch may hold no clean image or no noise image
-        umm = torch.nn.parallel.DistributedDataParallel(umm, device_ids=[local] if device != "cpu" else None,
-                                                        find_unused_parameters=True)
+        umm = ddp(umm, local, device)
     opt = torch.optim.AdamW(raw.parameters(), lr=a["lr"], betas=(0.9, 0.95), weight_decay=a["wd"], eps=1e-8)
     step = start = 0
     state_path = os.path.join(a["out"], "state.pt")
@@ -309,7 +323,15 @@ def main(argv=None):
         st = torch.load(state_path, map_location=device, weights_only=False)
         raw.load_state_dict(st["model"]); opt.load_state_dict(st["opt"]); ema = st["ema"]
         step = start = st["step"]
-        a["steps"] = st.get("steps", a["steps"])        # the saved schedule (e.g. sized by --minutes)
+        saved_steps = st.get("steps", a["steps"])       # the saved schedule (e.g. sized by --minutes)
+        if a["steps"] not in (saved_steps, defaults["steps"]):
+            raise ValueError(f"--resume {a['out']}: the run's schedule is --steps {saved_steps} (its LR cooldown "
+                             f"depends on it), this call asks --steps {a['steps']}; drop --steps to continue it, or "
+                             f"start a new run from its weights: --init_from {a['out']}/ckpt --steps N --out NEW")
+        if a["steps"] != saved_steps:
+            print(f"--resume: continuing the run's schedule of {saved_steps} steps from step {step}", flush=True)
+        a["steps"] = saved_steps
+        log.resume_at(step)                             # the log's records of replayed steps go
         a["minutes"] = 0.0
         torch.set_rng_state(st["rng"].cpu())           # map_location moved it; the RNG state lives on the CPU
     n_params = sum(p.numel() for p in raw.parameters())
@@ -352,6 +374,7 @@ def main(argv=None):
         if a["dump_grads"] and step == start and rank == 0:         # tests: DDP grads == 1-process grads
             torch.save({k: p.grad.clone() for k, p in raw.named_parameters() if p.grad is not None}, a["dump_grads"])
         gn = torch.nn.utils.clip_grad_norm_(raw.parameters(), a["clip"])
+        finite(f"step {step + 1}", loss=loss, grad_norm=gn)      # before the update: no nan reaches a checkpoint
         opt.step()
         with torch.no_grad():                                     # EMA of the weights (DiT)
             ev, pv = list(ema.values()), [p.float() for p in raw.state_dict().values()]
@@ -390,17 +413,17 @@ def main(argv=None):
                     f" | eta {eta / 60:.1f} min")
             last = {}
         stop = (a["max_minutes"] and time.time() - t0 > 60 * a["max_minutes"]) or \
-            (a["stop_after"] and step - start >= a["stop_after"])
+            (a["stop_after"] and step - start >= a["stop_after"]) or bool(term)
         stop = all_sum(float(bool(stop))).item() > 0                   # every rank stops together
         if rank == 0 and a["eval_every"] and (step % a["eval_every"] == 0 or step == a["steps"]):
             curve_point(ema, ae, cfg, step, a, device, log)               # the learning curve
         if rank == 0 and (step % a["ckpt_every"] == 0 or step == a["steps"] or stop):
             save(raw, ae, ema, opt, step, a, cfg)
         if stop:
-            log.log(dict(stopped_at=step), f"stopping at step {step} (--max_minutes); continue with --resume")
+            why = "SIGTERM" if term else "--max_minutes / --stop_after"
+            log.log(dict(stopped_at=step), f"stopping at step {step} ({why}); continue with --resume")
             break
-    if world_size > 1:
-        torch.distributed.destroy_process_group()
+    teardown_dist()
     return raw, ema
 
 

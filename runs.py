@@ -24,7 +24,7 @@ import torch
 import world
 import model as M
 import evaluate
-from common import atomic_torch_save, atomic_write, Logger
+from common import atomic_torch_save, atomic_write, claim_run_dir, Logger
 
 # the settings that make a method's rollouts and its before-eval: a reused or resumed run must
 # match them all, else its before/after and its training data would come from different settings
@@ -44,10 +44,6 @@ def load_umm(path, device):
     return model, ae, meta
 
 
-def holds_run(d):
-    return os.path.exists(os.path.join(d, "config.json")) or os.path.exists(os.path.join(d, "metrics.jsonl"))
-
-
 def open_run(a, rank, script):
     """The run folder a["out"]. A folder that already holds a run is not written into unless
     --resume (continue it: the config must match) or --overwrite (start again: its files are
@@ -63,9 +59,7 @@ def open_run(a, rank, script):
             raise ValueError(f"--resume {out}: the run was started with " +
                              ", ".join(f"--{k} {old.get(k)}" for k in diff) + "; this call has " +
                              ", ".join(f"--{k} {a[k]}" for k in diff) + ": pass the same values (or drop them)")
-    elif holds_run(out) and not a.get("overwrite"):
-        raise FileExistsError(f"{out} already holds a run ({script}); continue it with --resume, start it again "
-                              f"with --overwrite, or pass another --out")
+    claim_run_dir(out, a.get("resume"), a.get("overwrite"), script)
     log = Logger(out, rank)
     if a.get("resume"):
         log.resume()
