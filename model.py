@@ -24,6 +24,7 @@ from dataclasses import dataclass, asdict
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from einops import rearrange
 
 from kernels.attention import attention, attention_ref
 
@@ -84,17 +85,14 @@ class PaletteAE(nn.Module):
         x = img.permute(0, 3, 1, 2).float() / 127.5 - 1
         z = self.enc(x)
         z = F.layer_norm(z.transpose(1, 3), (self.C,)).transpose(1, 3)  # fixed scale: latent noise means something
-        B, C, H, W = z.shape
-        p = self.p                                                       # 2x2 patches -> tokens
-        z = z.reshape(B, C, H // p, p, W // p, p).permute(0, 2, 4, 3, 5, 1).reshape(B, (H // p) * (W // p), p * p * C)
+        z = rearrange(z, "b c (h p) (w q) -> b (h w) (p q c)", p=self.p, q=self.p)   # 2x2 patches -> tokens
         return (z - self.lat_mean) / self.lat_std
 
     def latent_map(self, z):
         """tokens [B,N,C*p*p] -> un-normalised latent map [B,C,H,W]."""
         z = z * self.lat_std + self.lat_mean
-        B, N, _ = z.shape
-        s, p, C = int(math.isqrt(N)), self.p, self.C
-        return z.reshape(B, s, s, p, p, C).permute(0, 5, 1, 3, 2, 4).reshape(B, C, s * p, s * p)
+        s = int(math.isqrt(z.shape[1]))
+        return rearrange(z, "b (h w) (p q c) -> b c (h p) (w q)", h=s, p=self.p, q=self.p)
 
     def logits(self, z):
         """latent tokens [B,16,C*p*p] -> palette logits [B,9,64,64]."""
