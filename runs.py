@@ -6,10 +6,11 @@ around them:
   load_umm          a UMM checkpoint (model.load_weights checks every file; this refuses AE-only ones)
   open_run          the run folder: refuses a folder that holds a run unless --resume or --overwrite,
                     writes config.json, returns the metrics log (resumed: replayed records dropped)
-  saved_rollouts    what an earlier run saved (--reuse DIR, or this run's own folder on --resume),
-                    checked to match this run on every setting that made it
-  rollouts          batched, KV-cached think-mode generations, with progress and an ETA
-  begin / finish    the before-eval; the post-trained checkpoint, the same eval after, summary.json/md
+  start             what every run does before its method's own steps: the saved rollouts of --reuse DIR
+                    or --resume (saved_rollouts: checked to match this run on every setting that made
+                    them), the before-eval (begin), and else fresh rollouts (rollouts: batched,
+                    KV-cached think-mode generations, with progress and an ETA)
+  finish            the post-trained checkpoint, the same eval after, summary.json/md
   save_state / load_state   mid-training checkpoints (weights, optimiser, schedule, RNG) for --resume
   report            --report DIR: median and spread over seeds, gain paired by seed
 Grids and the reward histogram PNG are drawn by evaluate.py (it draws every picture).
@@ -24,7 +25,7 @@ import torch
 import world
 import model as M
 import evaluate
-from common import atomic_torch_save, atomic_write, claim_run_dir, Logger
+from common import all_sum, atomic_torch_save, atomic_write, claim_run_dir, Logger
 
 # the settings that make a method's rollouts and its before-eval: a reused or resumed run must
 # match them all, else its before/after and its training data would come from different settings
@@ -122,6 +123,28 @@ def rollouts(model, ae, specs, n, a, device, gen, what="rollouts"):
         out["image"] += list(ae.decode(g["z"], world.PALETTE).cpu().numpy())
         prog(len(out["spec"]))
     return out
+
+
+def rollout_file(d, rank, what):
+    return os.path.join(d, f"{what}.rank{rank}.pt")
+
+
+def start(model, ae, specs, a, rank, world_size, log, device, what, script):
+    """The start of a method run. --reuse DIR: the rollouts (and before-eval) of an earlier run
+    with the same base, prompts, seed, sampler and process count, so variants that differ only
+    later see the same data; --resume: this run's own, if it got that far. Then the before-eval
+    (rank 0), and, unless saved, this rank's share of the prompts' rollouts (N each, think mode:
+    the model writes its plan and itself switches to the image).
+    Returns (saved or None, eval_specs, ea, before, ro, rollouts_per_s)."""
+    saved = saved_rollouts(rollout_file(a["reuse"] or a["out"], rank, what), a, MADE_WITH, script) \
+        if a["reuse"] or a["resume"] else None
+    eval_specs, ea, before = begin(model, ae, a, saved, rank, log, device)
+    if saved:
+        return saved, eval_specs, ea, before, saved["ro"], saved["rollouts_per_s"]
+    t0 = time.time()
+    gen = torch.Generator(device).manual_seed(1000 + a["seed"] * world_size + rank)
+    ro = rollouts(model, ae, specs[rank::world_size], a["N"], a, device, gen, what=what)
+    return None, eval_specs, ea, before, ro, all_sum(len(ro["spec"])).item() / (time.time() - t0)
 
 
 def eval_settings(a):

@@ -34,7 +34,6 @@ verifier), spread over the tags, so the regression has both successes and failur
 """
 import json
 import os
-import time
 
 import numpy as np
 import torch
@@ -132,24 +131,10 @@ def main(argv=None):
         return teardown_dist()
     log = runs.open_run(a, rank, "rwr.py")
 
-    # --reuse DIR: the rollouts (and before-eval) of an earlier run with the same base, prompts,
-    # seed, sampler and process count, so variants that differ only in the weighting see the same
-    # data; --resume: this run's own, if it got that far
-    ro_file = lambda d: os.path.join(d, f"rollouts.rank{rank}.pt")  # noqa: E731
-    saved = runs.saved_rollouts(ro_file(a["reuse"] or a["out"]), a, runs.MADE_WITH, "rwr.py") \
-        if a["reuse"] or a["resume"] else None
-
-    # ---- before: the base on the held-out eval set (rank 0)
-    eval_specs, ea, before = runs.begin(policy, ae, a, saved, rank, log, device)
-
-    # ---- 1. rollouts: this rank's share of the prompts, N each, think mode (the model switches itself)
-    t0 = time.time()
-    if saved:
-        ro, ro_per_s = saved["ro"], saved["rollouts_per_s"]
-    else:
-        gen = torch.Generator(device).manual_seed(1000 + a["seed"] * world_size + rank)
-        ro = runs.rollouts(policy, ae, specs[rank::world_size], a["N"], a, device, gen)
-        ro_per_s = all_sum(len(ro["spec"])).item() / (time.time() - t0)
+    # ---- before (the base on the held-out eval set) and 1. rollouts: every prompt's N unified
+    # generations in think mode, this rank's share; or the saved ones of --reuse DIR / --resume
+    saved, eval_specs, ea, before, ro, ro_per_s = runs.start(policy, ae, specs, a, rank, world_size, log, device,
+                                                             "rollouts", "rwr.py")
     n_ro = len(ro["spec"])
 
     # ---- 2. rewards r in [0, 1], one convention: reward(specs, images)
@@ -165,8 +150,9 @@ def main(argv=None):
         r = np.asarray(reward(ro["spec"], ro["image"]), np.float32)
     finite("rewards", r=r)
     if not saved:       # saved once, where they were made; variants point --reuse here, --resume reads them
-        atomic_torch_save(dict(args=a, ro=ro, r=r, rollouts_per_s=ro_per_s, before=before), ro_file(a["out"]))
-    stats = rollout_stats(ro, r, ro_per_s, a, rank, log, time.time() - t0)
+        atomic_torch_save(dict(args=a, ro=ro, r=r, rollouts_per_s=ro_per_s, before=before),
+                          runs.rollout_file(a["out"], rank, "rollouts"))
+    stats = rollout_stats(ro, r, ro_per_s, a, rank, log)
 
     # ---- 3. weights: w = exp(beta * r) / mean  (sft: w = 1; rejection: w = 1[r >= reject_at])
     if a["baseline"] == "sft":
@@ -238,7 +224,7 @@ def main(argv=None):
     teardown_dist()
 
 
-def rollout_stats(ro, r, ro_per_s, a, rank, log, seconds):
+def rollout_stats(ro, r, ro_per_s, a, rank, log):
     """What the rollouts look like before training: reward statistics and histogram (also as PNG),
     the verifier's success, and how well the reward agrees with it; a grid of 8 prompts."""
     oracle = R.oracle_binary(ro["spec"], ro["image"])
@@ -247,7 +233,7 @@ def rollout_stats(ro, r, ro_per_s, a, rank, log, seconds):
     log.log(dict(phase="rollouts", n=len(r), rollouts_per_s=ro_per_s, reward=stats, hist=R.histogram(r),
                  oracle_success=float(oracle.mean()), switch_rate=float(np.mean(ro["switched"])),
                  reward_vs_oracle_corr=corr),
-            f"rollouts: {len(r)} in {seconds:.0f}s ({ro_per_s:.1f}/s) | reward mean {stats['mean']:.3f} "
+            f"rollouts: {len(r)} ({ro_per_s:.1f}/s) | reward mean {stats['mean']:.3f} "
             f"bimodality {stats['bimodality']:.2f} | oracle success {oracle.mean():.3f}")
     if rank == 0:
         evaluate.histogram_png(R.histogram(r), os.path.join(a["out"], "reward_hist.png"),

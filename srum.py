@@ -52,7 +52,7 @@ import rewards as R
 import runs
 import evaluate
 from kernels.loss import velocity_loss
-from common import setup_dist, teardown_dist, ddp, all_sum, finite, atomic_torch_save, parse_args
+from common import setup_dist, teardown_dist, ddp, finite, atomic_torch_save, parse_args
 
 defaults = dict(
     ckpt="data/base", prompts="random", n_prompts=114, out="runs/srum", seed=0, reuse="", report="",
@@ -125,24 +125,13 @@ def main(argv=None):
     policy, ae, meta = runs.load_umm(a["ckpt"], device)
     log = runs.open_run(a, rank, "srum.py")
 
-    # --reuse DIR: the candidates (and before-eval) of an earlier run with the same base, prompts,
-    # seed, sampler and process count, and its judgments if the judge is the same: the ablations
-    # differ only from step 4 on; --resume: this run's own, if it got that far
-    ro_file = lambda d: os.path.join(d, f"candidates.rank{rank}.pt")  # noqa: E731
-    saved = runs.saved_rollouts(ro_file(a["reuse"] or a["out"]), a, runs.MADE_WITH, "srum.py") \
-        if a["reuse"] or a["resume"] else None
+    # ---- before (the base on the held-out eval set) and 1. candidates: N think-mode generations per
+    # prompt, this rank's share; or the saved ones of --reuse DIR / --resume, with their judgments if
+    # the judge is the same (the ablations differ only from step 4 on)
+    saved, eval_specs, ea, before, ro, ro_per_s = runs.start(policy, ae, specs, a, rank, world_size, log, device,
+                                                             "candidates", "srum.py")
 
-    # ---- before: the base on the held-out eval set (rank 0)
-    eval_specs, ea, before = runs.begin(policy, ae, a, saved, rank, log, device)
-
-    # ---- 1-3. candidates (this rank's share of the prompts), boxes, judgments
-    t0 = time.time()
-    if saved:
-        ro, ro_per_s = saved["ro"], saved["rollouts_per_s"]
-    else:
-        gen = torch.Generator(device).manual_seed(1000 + a["seed"] * world_size + rank)
-        ro = runs.rollouts(policy, ae, specs[rank::world_size], a["N"], a, device, gen, what="candidates")
-        ro_per_s = all_sum(len(ro["spec"])).item() / (time.time() - t0)
+    # ---- 2-3. boxes (the detector) and judgments (a frozen copy of the model)
     if saved and all(saved["args"][k] == a[k] for k in ("judge", "judge_score", "top_k")):
         g, regions = saved["g"], saved["regions"]
     else:
@@ -155,8 +144,8 @@ def main(argv=None):
                 f"judged {len(g)} images and {sum(map(len, regions))} regions in {time.time() - t1:.0f}s")
     finite("judgments", g=g, s=[s for r in regions for _, s in r])
     if not saved:      # saved once, where they were made; ablations point --reuse here, --resume reads them
-        atomic_torch_save(dict(args=a, ro=ro, g=g, regions=regions, rollouts_per_s=ro_per_s,
-                               before=before), ro_file(a["out"]))
+        atomic_torch_save(dict(args=a, ro=ro, g=g, regions=regions, rollouts_per_s=ro_per_s, before=before),
+                          runs.rollout_file(a["out"], rank, "candidates"))
     judge_rec, stats = judge_vs_verifier(ro, g, regions, ro_per_s, a, log)
 
     # ---- 4. reward maps over the image tokens (sft: R = 1 and no L_ref)
