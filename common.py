@@ -89,6 +89,21 @@ class Logger:
             print(line, flush=True)
 
 
+class Progress:
+    """One line per `every` seconds: done/total, rate and ETA (long phases are not silent)."""
+
+    def __init__(self, what, total, log=print, every=15.0):
+        self.what, self.total, self.log, self.every = what, total, log, every
+        self.t0 = self.last = time.time()
+
+    def __call__(self, done):
+        now = time.time()
+        if now - self.last >= self.every and done < self.total:
+            rate = done / (now - self.t0)
+            self.log(f"  {self.what}: {done}/{self.total} ({rate:.1f}/s, eta {(self.total - done) / max(rate, 1e-9):.0f} s)")
+            self.last = now
+
+
 def claim_run_dir(out, resume, overwrite, script):
     """A run folder that already holds a run is written into only when told: --resume continues
     it, --overwrite starts again there. Anything else raises before any work starts."""

@@ -23,7 +23,7 @@ import torch
 
 import world
 import model as M
-from common import parse_args
+from common import parse_args, Progress
 
 defaults = dict(ckpt="data/base", eval="data/eval.jsonl", out="runs/eval", n=50, k=4, batch=96,
                 sample_steps=25, cfg=4.0, shift=3.0, temperature=0.7, max_think=64, seed=0,
@@ -37,12 +37,9 @@ def gen_scores(model, ae, specs, mode, a, device):
     jobs = [s for s in specs for _ in range(a["k"])]
     g = torch.Generator(device).manual_seed(a["seed"])
     correct, switched, imgs, thinks = [], [], [], []
-    t0, last = time.time(), time.time()
+    prog = Progress(f"eval {mode} images", len(jobs))   # long evals are not silent: progress with an ETA
     for i in range(0, len(jobs), a["batch"]):
-        if time.time() - last > 15:     # long evals are not silent: progress with an ETA
-            rate = i / (time.time() - t0)
-            print(f"  eval {mode}: {i}/{len(jobs)} images ({rate:.1f}/s, eta {(len(jobs) - i) / rate:.0f} s)", flush=True)
-            last = time.time()
+        prog(i)
         chunk = jobs[i:i + a["batch"]]
         out = M.generate(model, [world.encode(s["prompt"]) for s in chunk], mode=mode, max_think=a["max_think"],
                          temperature=a["temperature"], generator=g, steps=a["sample_steps"], cfg=a["cfg"], shift=a["shift"])

@@ -33,6 +33,7 @@ import torch
 
 import model as M
 import world
+from common import Progress
 
 
 def as_images(images, n):
@@ -123,8 +124,9 @@ class SelfJudge:
     @torch.no_grad()
     def scores(self, z, questions):
         """z [Q, n_img, C] latents, questions: Q id lists -> Q scores in [-1, 1]."""
-        out = []
+        out, prog = [], Progress("judging", len(questions))
         for i in range(0, len(questions), self.batch):
+            prog(i)
             zs, qs = z[i:i + self.batch], questions[i:i + self.batch]
             samples = [[("text", [M.BOS, M.VS], 0), ("clean", zs[j]), ("text", [M.VE] + list(q), 0), ("text", ans, 1.0)]
                        for j, q in enumerate(qs) for ans in self.answers]

@@ -25,7 +25,7 @@ import torch
 import world
 import model as M
 import evaluate
-from common import all_sum, atomic_torch_save, atomic_write, claim_run_dir, Logger
+from common import all_sum, atomic_torch_save, atomic_write, claim_run_dir, Logger, Progress
 
 # the settings that make a method's rollouts and its before-eval: a reused or resumed run must
 # match them all, else its before/after and its training data would come from different settings
@@ -88,21 +88,6 @@ def saved_rollouts(path, a, keys, script):
             raise ValueError(f"--reuse {a['reuse'] or a['out']}: it was made with --{k} {saved['args'].get(k)}, this "
                              f"run has --{k} {a[k]}; pass the same value or drop --reuse")
     return saved
-
-
-class Progress:
-    """One line per `every` seconds: done/total, rate and ETA (long phases are not silent)."""
-
-    def __init__(self, what, total, log=print, every=15.0):
-        self.what, self.total, self.log, self.every = what, total, log, every
-        self.t0 = self.last = time.time()
-
-    def __call__(self, done):
-        now = time.time()
-        if now - self.last >= self.every and done < self.total:
-            rate = done / (now - self.t0)
-            self.log(f"  {self.what}: {done}/{self.total} ({rate:.1f}/s, eta {(self.total - done) / max(rate, 1e-9):.0f} s)")
-            self.last = now
 
 
 @torch.no_grad()
