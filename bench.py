@@ -593,8 +593,11 @@ def main():
     ap.add_argument("--seed", type=int, default=0, help="--step: data seed")
     ap.add_argument("--dynamic", type=int, default=1, help="--step: torch.compile(dynamic=True)")
     ap.add_argument("--no_compile", action="store_true", help="--step: skip the compiled variants")
+    ap.add_argument("--threads", type=int, default=0, help="--step: torch threads (0 = torch's default)")
     args = ap.parse_args()
     if args.step:
+        if args.threads:
+            torch.set_num_threads(args.threads)
         bench_step(args)
         return 0
     if not torch.cuda.is_available():
