@@ -1,6 +1,7 @@
-"""GPU benchmark of the Triton kernels (kernels/) against PyTorch.
+"""GPU benchmark of the Triton kernels (kernels/) against PyTorch, and the training step.
 
-    python bench.py                  # everything (several minutes: torch.compile and Flex compile)
+    python bench.py --step           # the pre-training step (CPU or CUDA), see bench_step
+    python bench.py                  # the kernels (several minutes: torch.compile and Flex compile)
     python bench.py --quick          # fewer sizes
     python bench.py --only loss      # or --only attn
     python bench.py --tune           # also sweep a few tile configs (prints, does not change them)
@@ -343,12 +344,262 @@ def tune_attn(ka, q, k, v, do, meta, flops):
     print()
 
 
+# ----------------------------------------------------------------------------- training step
+# Today's step before issue 11, kept as the baseline (and as the reference test_pack.py checks
+# the new forward against): routing gathers and scatters around every op, rope tables and the
+# mask rebuilt in every layer, separate q/k/v matmuls.
+
+class OldRouter:
+    def __init__(self, kind):
+        import model as M
+        flat = kind.reshape(-1)
+        self.shape = kind.shape
+        self.gen = (flat == M.NOISE).nonzero().squeeze(1)
+        self.und = (flat != M.NOISE).nonzero().squeeze(1)
+
+    def __call__(self, fn_und, fn_gen, x):
+        xf = x.reshape(-1, *x.shape[2:])
+        outs = []
+        for fn, ix in ((fn_und, self.und), (fn_gen, self.gen)):
+            outs.append((ix, fn(xf[ix]) if len(ix) else None))
+        ref = next(o for ix, o in outs if o is not None)
+        ref = ref if isinstance(ref, tuple) else (ref,)
+        res = [r.new_empty(xf.shape[0], *r.shape[1:]) for r in ref]
+        for ix, o in outs:
+            if o is None:
+                continue
+            for r, oo in zip(res, o if isinstance(o, tuple) else (o,)):
+                r[ix] = oo
+        res = [r.reshape(*self.shape, *r.shape[1:]) for r in res]
+        return res[0] if len(res) == 1 else tuple(res)
+
+
+def old_rope(x, pos, base):
+    hd = x.shape[-1]
+    inv = base ** (-torch.arange(0, hd, 2, device=x.device, dtype=torch.float32) / hd)
+    ang = pos.float()[..., None] * inv
+    cos, sin = ang.cos()[:, :, None], ang.sin()[:, :, None]
+    x1, x2 = x.float().chunk(2, -1)
+    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], -1).type_as(x)
+
+
+def old_qkv(e, x):
+    h = e.norm1(x)
+    q = e.q_norm(e.q(h).unflatten(-1, (-1, e.hd)))
+    k = e.k_norm(e.k(h).unflatten(-1, (-1, e.hd)))
+    return q, k, e.v(h).unflatten(-1, (-1, e.hd))
+
+
+def old_forward(m, b, heads=False):
+    """MoT.forward as it was (no cache): returns h [B,L,d], or (logits, velocity) row-major."""
+    import model as M
+    from kernels.attention import attention
+    c, kind = m.c, b["kind"]
+    lat, ipos = b["lat"], b["ipos"]
+    x = m.tok_emb(b["ids"])
+    img = kind != M.TEXT
+    if img.any():
+        pe = m.latent_pos[ipos]
+        xu = m.vae2llm_und(lat) + pe
+        xg = m.vae2llm(lat) + pe + m.time_embedder(M.timestep_embedding(b["t"].reshape(-1), c.d)).view(*kind.shape, -1)
+        x = torch.where((kind == M.CLEAN)[..., None], xu.to(x.dtype), x)
+        x = torch.where((kind == M.NOISE)[..., None], xg.to(x.dtype), x)
+    route = OldRouter(kind)
+    meta = (b["sample"], b["split"], kind, b["idx"])
+    for i in range(c.n_layer):
+        eu, eg = m.und[i], m.gen[i]
+        q, k, v = route(lambda t: old_qkv(eu, t), lambda t: old_qkv(eg, t), x)
+        q, k = old_rope(q, b["pos"], c.rope_base), old_rope(k, b["pos"], c.rope_base)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        y = attention(q, k, v, meta)
+        y = y.transpose(1, 2).flatten(2)
+        x = x + route(eu.o, eg.o, y)
+        x = x + route(eu.mlp, eg.mlp, x)
+    h = route(m.norm, m.norm_gen, x)
+    if heads:
+        return m.logits(h[b["labels"] != -100]), m.velocity(h[kind == M.NOISE])
+    return h
+
+
+class OldStep(torch.nn.Module):
+    """Wraps a MoT so that calling it runs old_forward (for token_losses)."""
+
+    def __init__(self, m):
+        super().__init__()
+        self.m = m
+
+    def forward(self, b, heads=False):
+        return old_forward(self.m, b, heads)
+
+
+class Plain(torch.nn.Module):
+    """A plain dense transformer of the same width and depth: one Expert per layer (same norms,
+    q/k/v/o, QK-norm, SwiGLU), rope, the same attention and mask, the same two heads; no
+    routing. The yardstick for what the MoT's two experts cost per token."""
+
+    def __init__(self, c):
+        super().__init__()
+        import model as M
+        self.c = c
+        self.tok_emb = torch.nn.Embedding(c.vocab_size, c.d)
+        self.vae2llm = torch.nn.Linear(c.latent_ch, c.d)
+        self.register_buffer("latent_pos", M.sincos_2d(c.n_img, c.d), persistent=False)
+        self.blocks = torch.nn.ModuleList(M.Expert(c) for _ in range(c.n_layer))
+        self.norm = M.RMSNorm(c.d)
+        self.lm_head = torch.nn.Linear(c.d, c.vocab_size, bias=False)
+        self.llm2vae = torch.nn.Linear(c.d, c.latent_ch)
+        for p in self.parameters():
+            torch.nn.init.normal_(p, std=0.02)
+
+    def forward(self, b, heads=True):
+        import model as M
+        from kernels.attention import allowed_mask
+        c, kind = self.c, b["kind"]
+        H, Hkv = c.n_head, c.n_kv_head
+        x = self.tok_emb(b["ids"])
+        x = torch.where((kind != M.TEXT)[..., None], self.vae2llm(b["lat"]) + self.latent_pos[b["ipos"]], x)
+        cos, sin = M.rope_cos_sin(b["pos"], c.d // H, c.rope_base)
+        meta = (b["sample"], b["split"], kind, b["idx"])
+        mask = allowed_mask(meta, meta)[:, None]
+        for blk in self.blocks:
+            qkv = blk.qkv(x)
+            qk = M.rope(qkv[:, :, :H + Hkv], cos, sin)
+            q, k, v = (t.transpose(1, 2) for t in (qk[:, :, :H], qk[:, :, H:], qkv[:, :, H + Hkv:]))
+            k, v = k.repeat_interleave(H // Hkv, 1), v.repeat_interleave(H // Hkv, 1)
+            y = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+            x = x + blk.o(y.transpose(1, 2).flatten(2))
+            x = x + blk.mlp(x)
+        h = self.norm(x).flatten(0, 1)
+        return self.lm_head(h[b["lab_idx"]]), self.llm2vae(h[b["gen_idx"]]).float()
+
+
+def step_loss(model, b):
+    """The pre-training loss of pretrain.py (one process): global token means."""
+    import model as M
+    from kernels.loss import velocity_loss
+    ce, v = M.token_losses(model, b)
+    loss = (ce * b["lw"]).sum() / max(int((b["lw"] > 0).sum()), 1)
+    if v.shape[0]:
+        loss = loss + velocity_loss(v.view_as(b["x0"]), b["eps"], b["x0"])
+    return loss
+
+
+def bench_step(args):
+    """Times one pre-training step (forward + backward of pretrain.py's loss, no optimizer) on
+    real batches of pretrain.make_batch, every variant on the same samples, interleaved batch
+    by batch (a shared machine's noise hits all variants alike); median over the batches.
+      today      rows of one sample (right-padded), the forward before issue 11
+      padded     rows of one sample, the new forward
+      packed     rows of --row_len holding many samples (first-fit decreasing), new forward
+      +compile   the same under torch.compile (compile time excluded: warm-up batches)
+      plain      the dense transformer above (same width/depth/attention) on the packed rows
+    Real tokens/s counts tokens of samples, not pads; events = torch.profiler events of one step."""
+    import numpy as np
+    import model as M
+    import pretrain as P
+    import world
+    torch.manual_seed(0)
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    base, ae, _ = M.load_weights(args.ckpt, dev) if args.ckpt else (None, None, None)
+    cfg = base.c if base is not None else M.config_for(args.depth, len(world.VOCAB))
+    mot = base if base is not None else M.MoT(cfg).to(dev)
+    if ae is None:
+        ae = M.PaletteAE(w=16).to(dev)
+    mot.train()
+    plain = Plain(cfg).to(dev)
+    banned = P.eval_prompts()
+
+    def batch(step, row_len):
+        b = P.make_batch(args.seed, step, 0, args.batch, banned, 0.1, 1.0, cfg.latent_ch, row_len)
+        return P.to_device(b, ae, dev)
+    n_warm = args.warm
+    steps = list(range(n_warm + args.n))
+    data = {"rows": [batch(s, None) for s in steps], "packed": [batch(s, args.row_len) for s in steps]}
+    comp = dict(dynamic=True) if args.dynamic else {}
+    variants = [("today (padded, old fwd)", OldStep(mot), "rows"),
+                ("padded, new fwd", mot, "rows"),
+                ("packed", mot, "packed"),
+                ("packed + compile", torch.compile(mot, **comp), "packed"),
+                ("plain, packed", plain, "packed"),
+                ("plain, packed + compile", torch.compile(plain, **comp), "packed")]
+    if args.no_compile:
+        variants = [v for v in variants if "compile" not in v[0]]
+    sync = torch.cuda.synchronize if dev == "cuda" else (lambda: None)
+
+    def one(model, b):
+        model.zero_grad(set_to_none=True)
+        step_loss(model, b).backward()
+    times = {name: [] for name, _, _ in variants}
+    t_compile = {}
+    for j in range(len(steps)):
+        for name, model, key in variants:
+            b = data[key][j]
+            sync()
+            t0 = time.perf_counter()
+            one(model, b)
+            sync()
+            dt = time.perf_counter() - t0
+            if j >= n_warm:
+                times[name].append(dt)
+            elif "compile" in name:
+                t_compile[name] = t_compile.get(name, 0.0) + dt
+    events = {}
+    for name, model, key in variants:
+        from torch.profiler import profile, ProfilerActivity
+        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev == "cuda" else [])
+        with profile(activities=acts) as prof:
+            one(model, data[key][-1])
+            sync()
+        events[name] = len(prof.events())
+    real = [int((b["sample"] >= 0).sum()) for b in data["rows"][n_warm:]]
+    n_real = float(np.sum(real))
+    print(f"\n## Pre-training step (forward + backward), {dev}, depth {cfg.n_layer} d {cfg.d}, batch {args.batch}, "
+          f"fp32, torch {torch.__version__}, {torch.get_num_threads()} threads\n")
+    for key in data:
+        bb = data[key][n_warm:]
+        frac = n_real / sum(b["sample"].numel() for b in bb)
+        shapes = sorted({tuple(b["sample"].shape) for b in bb})
+        print(f"{key}: real-token fraction {frac:.3f} (B x L: {', '.join(f'{s[0]}x{s[1]}' for s in shapes)})")
+    if t_compile:
+        print("compile + warm-up (first %d batches): " % n_warm +
+              ", ".join(f"{k} {v:.0f} s" for k, v in t_compile.items()))
+    med = {k: float(np.sum(v)) / len(v) for k, v in times.items()}   # mean: the same batches for all
+    per_step = n_real / len(real)
+    t0 = med[variants[0][0]]
+    print(f"\nmean over {args.n} batches ({per_step:.0f} real tokens per step)\n")
+    print("| variant | ms / step | real tokens/s | vs today | profiler events / step |")
+    print("|---|---|---|---|---|")
+    for name, _, _ in variants:
+        print(f"| {name} | {1e3 * med[name]:.0f} | {per_step / med[name]:.0f} | {t0 / med[name]:.2f}x | {events[name]} |")
+    for mo, pl in (("packed", "plain, packed"), ("packed + compile", "plain, packed + compile")):
+        if mo in med and pl in med:
+            print(f"MoT / plain time per real token ({mo}): {med[mo] / med[pl]:.2f}")
+    if "packed + compile" in med:
+        print(f"MoT packed + compile vs plain eager: {med['packed + compile'] / med['plain, packed']:.2f}")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="fewer sizes")
     ap.add_argument("--only", choices=["loss", "attn"], help="run one benchmark")
     ap.add_argument("--tune", action="store_true", help="also sweep a few tile configs")
+    ap.add_argument("--step", action="store_true", help="time the pre-training step (CPU or CUDA)")
+    ap.add_argument("--ckpt", default="data/base", help="--step: weights (and AE) to time; '' = random init")
+    ap.add_argument("--depth", type=int, default=6, help="--step without --ckpt: model depth")
+    ap.add_argument("--batch", type=int, default=32, help="--step: samples per step")
+    ap.add_argument("--row_len", type=int, default=160, help="--step: packed row length")
+    ap.add_argument("--n", type=int, default=8, help="--step: timed batches")
+    ap.add_argument("--warm", type=int, default=3, help="--step: untimed warm-up batches (compiles)")
+    ap.add_argument("--seed", type=int, default=0, help="--step: data seed")
+    ap.add_argument("--dynamic", type=int, default=1, help="--step: torch.compile(dynamic=True)")
+    ap.add_argument("--no_compile", action="store_true", help="--step: skip the compiled variants")
+    ap.add_argument("--threads", type=int, default=0, help="--step: torch threads (0 = torch's default)")
     args = ap.parse_args()
+    if args.step:
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        bench_step(args)
+        return 0
     if not torch.cuda.is_available():
         print("needs CUDA")
         return 0

@@ -26,7 +26,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
 
-from kernels.attention import attention, attention_ref
+import numpy as np
+
+import kernels
+from kernels.attention import allowed_mask, attention, attention_ref
 
 TEXT, CLEAN, NOISE = 0, 1, 2  # token kinds
 PAD, BOS, EOS, THINK, END_THINK, VS, VE = range(7)  # special ids: world.SPECIALS, same order
@@ -129,52 +132,84 @@ class Expert(nn.Module):
         self.q_norm, self.k_norm = RMSNorm(hd), RMSNorm(hd)
         self.up = nn.Linear(c.d, 2 * c.mlp_hidden, bias=False)
         self.down = nn.Linear(c.mlp_hidden, c.d, bias=False)
-        self.hd = hd
+        self.hd, self.n_q, self.n_kv = hd, c.n_head, c.n_kv_head
 
     def qkv(self, x):
-        h = self.norm1(x)
-        q = self.q_norm(self.q(h).unflatten(-1, (-1, self.hd)))
-        k = self.k_norm(self.k(h).unflatten(-1, (-1, self.hd)))
-        return q, k, self.v(h).unflatten(-1, (-1, self.hd))
+        """[n, d] -> [n, H + 2*Hkv, hd]: q, k, v heads side by side (q, k QK-normed), from one
+        matmul over the three weights (one op instead of three; the weights stay separate)."""
+        w = torch.cat([self.q.weight, self.k.weight, self.v.weight])
+        h = F.linear(self.norm1(x), w)
+        q, k, v = h.unflatten(-1, (-1, self.hd)).split([self.n_q, self.n_kv, self.n_kv], -2)
+        return torch.cat([self.q_norm(q), self.k_norm(k), v], -2)
 
     def mlp(self, x):
         a, b = self.up(self.norm2(x)).chunk(2, -1)
         return self.down(F.silu(a) * b)
 
 
+class Permute(torch.autograd.Function):
+    """x[perm] along dim 0, perm a permutation with inverse inv. Autograd's backward of
+    indexing is a scatter-add (zeros + index_add, atomics on CUDA); for a permutation it is
+    just the gather g[inv]."""
+
+    @staticmethod
+    def forward(ctx, x, perm, inv):
+        ctx.save_for_backward(inv)
+        return x[perm]
+
+    @staticmethod
+    def backward(ctx, g):
+        inv, = ctx.saved_tensors
+        return g[inv], None, None
+
+
 class Router:
-    """Hard routing by token kind: flat indices of understanding and generation tokens."""
+    """Hard routing by token kind, set up once per forward. The flat tokens are permuted so
+    that understanding tokens (text, clean image, pads) come first and generation tokens
+    (noisy latents) after: the residual stream lives in that sorted order, each expert runs
+    one matmul per op over its contiguous block (a slice, no gather/scatter per op), and only
+    attention needs the [B, L] row layout (one gather in, one gather out per layer).
+      und, gen: flat indices of the two kinds; gen in the order the noise segments were given
+                (pack precomputes both on the CPU: b["und_idx"], b["gen_idx"]; without them,
+                e.g. in the KV-cached inference paths, they are found here).
+    Sorted position j holds flat token order[j]; flat token p sits at sorted position inv[p]."""
 
-    def __init__(self, kind):
-        flat = kind.reshape(-1)
+    def __init__(self, b):
+        kind = b["kind"]
         self.shape = kind.shape
-        self.gen = (flat == NOISE).nonzero().squeeze(1)
-        self.und = (flat != NOISE).nonzero().squeeze(1)
+        if "gen_idx" in b:
+            und, gen = b["und_idx"], b["gen_idx"]
+        else:
+            flat = kind.reshape(-1)
+            und, gen = (flat != NOISE).nonzero().squeeze(1), (flat == NOISE).nonzero().squeeze(1)
+        self.n_und = und.shape[0]                          # a shape, not a tensor: no sync, and
+        self.order = torch.cat([und, gen])                 # torch.compile sees a (dynamic) size
+        self.inv = torch.empty_like(self.order)
+        self.inv[self.order] = torch.arange(len(self.order), device=self.order.device)
 
-    def __call__(self, fn_und, fn_gen, x):
-        """Apply fn_und to understanding tokens and fn_gen to generation tokens of x [B,L,...]."""
-        xf = x.reshape(-1, *x.shape[2:])
-        outs = []
-        for fn, ix in ((fn_und, self.und), (fn_gen, self.gen)):
-            outs.append((ix, fn(xf[ix]) if len(ix) else None))
-        ref = next(o for ix, o in outs if o is not None)
-        ref = ref if isinstance(ref, tuple) else (ref,)
-        res = [r.new_empty(xf.shape[0], *r.shape[1:]) for r in ref]
-        for ix, o in outs:
-            if o is None:
-                continue
-            for r, oo in zip(res, o if isinstance(o, tuple) else (o,)):
-                r[ix] = oo
-        res = [r.reshape(*self.shape, *r.shape[1:]) for r in res]
-        return res[0] if len(res) == 1 else tuple(res)
+    def sort(self, x):
+        """[B, L, ...] row layout -> [N, ...] sorted layout."""
+        return Permute.apply(x.flatten(0, 1), self.order, self.inv)
+
+    def rows(self, xs):
+        """[N, ...] sorted layout -> [B, L, ...] row layout."""
+        return Permute.apply(xs, self.inv, self.order).unflatten(0, self.shape)
+
+    def __call__(self, fn_und, fn_gen, xs):
+        """fn_und on the understanding block, fn_gen on the generation block of xs [N, ...]."""
+        return torch.cat([fn_und(xs[:self.n_und]), fn_gen(xs[self.n_und:])])
 
 
-def rope(x, pos, base):
-    """1-D rotary embedding. x [B,L,H,hd], pos [B,L] (an image shares one position id)."""
-    hd = x.shape[-1]
-    inv = base ** (-torch.arange(0, hd, 2, device=x.device, dtype=torch.float32) / hd)
-    ang = pos.float()[..., None] * inv                     # [B,L,hd/2]
-    cos, sin = ang.cos()[:, :, None], ang.sin()[:, :, None]
+def rope_cos_sin(pos, hd, base):
+    """cos, sin [..., 1, hd/2] of 1-D RoPE at positions pos [...] (an image shares one id);
+    computed once per forward and shared by every layer."""
+    inv = base ** (-torch.arange(0, hd, 2, device=pos.device, dtype=torch.float32) / hd)
+    ang = pos.float()[..., None, None] * inv
+    return ang.cos(), ang.sin()
+
+
+def rope(x, cos, sin):
+    """Rotate x [..., heads, hd] by the tables of rope_cos_sin (in fp32, like the old rope)."""
     x1, x2 = x.float().chunk(2, -1)
     return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], -1).type_as(x)
 
@@ -227,43 +262,59 @@ class MoT(nn.Module):
     def forward(self, b, cache=None, write=False, heads=False):
         """b: a packed batch (see `pack`). Returns final hidden states [B,L,d] (each token
         through its own expert's final norm), or with `heads` the pair (text logits at the
-        label positions [N_lab,V], velocity at the noise tokens [N_noise,C]) -- inside forward
-        so that DDP sees every parameter. With `cache`, the new tokens attend to the cached
-        ones as well; `write` appends their keys/values (noisy tokens are never written)."""
+        label positions [N_lab,V], row-major; velocity at the noise tokens [N_noise,C], in
+        the order of b["gen_idx"] = the order the noise segments were given) -- inside
+        forward so that DDP sees every parameter. With `cache`, the new tokens attend to the
+        cached ones as well; `write` appends their keys/values (noisy tokens are never written).
+        Layout (see Router): the residual stream is [N, d] with understanding tokens first and
+        generation tokens after; attention gathers it into rows and back."""
         c, kind = self.c, b["kind"]
-        lat, ipos = b["lat"], b["ipos"]
+        H, Hkv = c.n_head, c.n_kv_head
+        route = Router(b)
+        n = route.n_und
+        # inputs: text embeddings (und block), clean latents on CLEAN tokens (und expert's
+        # input projection), noisy latents + 2-D table + time embedding (gen block only)
         x = self.tok_emb(b["ids"])
-        img = kind != TEXT
-        if img.any():
-            pe = self.latent_pos[ipos]
-            xu = self.vae2llm_und(lat) + pe
-            xg = self.vae2llm(lat) + pe + self.time_embedder(timestep_embedding(b["t"].reshape(-1), c.d)).view(*kind.shape, -1)
-            x = torch.where((kind == CLEAN)[..., None], xu.to(x.dtype), x)
-            x = torch.where((kind == NOISE)[..., None], xg.to(x.dtype), x)
-        route = Router(kind)
+        xu = self.vae2llm_und(b["lat"]) + self.latent_pos[b["ipos"]]
+        x = torch.where((kind == CLEAN)[..., None], xu.to(x.dtype), x)
+        xs = route.sort(x)
+        g = route.order[n:]
+        lat_g, ipos_g, t_g = b["lat"].flatten(0, 1)[g], b["ipos"].reshape(-1)[g], b["t"].reshape(-1)[g]
+        xg = self.vae2llm(lat_g) + self.latent_pos[ipos_g] + self.time_embedder(timestep_embedding(t_g, c.d))
+        xs = torch.cat([xs[:n], xg.to(xs.dtype)])
+        cos, sin = rope_cos_sin(b["pos"], c.d // H, c.rope_base)     # once, not per layer
         meta = (b["sample"], b["split"], kind, b["idx"])
+        fast = cache is None and not kernels.use_triton(xs)
+        if fast:      # the CPU twin: the dense mask once per forward, not once per layer
+            mask = allowed_mask(meta, meta)[:, None]
         for i in range(c.n_layer):
             eu, eg = self.und[i], self.gen[i]
-            q, k, v = route(eu.qkv, eg.qkv, x)
-            q, k = rope(q, b["pos"], c.rope_base), rope(k, b["pos"], c.rope_base)
+            qkv = route.rows(route(eu.qkv, eg.qkv, xs))                  # [B, L, H+2Hkv, hd]
+            qk = rope(qkv[:, :, :H + Hkv], cos, sin)                      # q and k in one go
+            q, k, v = qk[:, :, :H], qk[:, :, H:], qkv[:, :, H + Hkv:]
             q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)   # [B,H,L,hd]
-            if cache is None:
+            if fast:
+                if H != Hkv:
+                    k, v = k.repeat_interleave(H // Hkv, 1), v.repeat_interleave(H // Hkv, 1)
+                y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+            elif cache is None:
                 y = attention(q, k, v, meta)
             else:
                 kc, vc = cache.kv[i] if cache.kv[i] is not None else (k[:, :, :0], v[:, :, :0])
                 y = attention_ref(q, torch.cat([kc, k], 2), torch.cat([vc, v], 2),
-                                     meta, cache.cat_meta(meta))
+                                  meta, cache.cat_meta(meta))
                 if write:
                     cache.kv[i] = (torch.cat([kc, k], 2), torch.cat([vc, v], 2))
-            y = y.transpose(1, 2).flatten(2)
-            x = x + route(eu.o, eg.o, y)
-            x = x + route(eu.mlp, eg.mlp, x)
+            y = route.sort(y.transpose(1, 2).flatten(2))
+            xs = xs + route(eu.o, eg.o, y)
+            xs = xs + route(eu.mlp, eg.mlp, xs)
         if cache is not None and write:
             cache.append_meta(meta)
-        h = route(self.norm, self.norm_gen, x)
+        hs = route(self.norm, self.norm_gen, xs)
         if heads:
-            return self.logits(h[b["labels"] != -100]), self.velocity(h[kind == NOISE])
-        return h
+            lab = b["lab_idx"] if "lab_idx" in b else (b["labels"].reshape(-1) != -100).nonzero().squeeze(1)
+            return self.logits(hs[route.inv[lab]]), self.velocity(hs[n:])
+        return route.rows(hs)
 
     def logits(self, h):
         return self.lm_head(h)
@@ -274,8 +325,8 @@ class MoT(nn.Module):
 
 # ----------------------------------------------------------------------------- packing
 
-def pack(samples, pad_id, C, device="cpu", dtype=torch.float32):
-    """Pack a batch: one row per sample, right-padded. A sample is a list of segments:
+def pack(samples, pad_id, C, device="cpu", dtype=torch.float32, row_len=None):
+    """Pack a batch. A sample is a list of segments:
         ("text",  ids, w)        w: loss weight on predicting these ids (float or list), 0 = none
         ("clean", z)             z [n_img, C]: a clean image entering as context (und expert)
         ("noise", x_t, t)        x_t [n_img, C]: a noisy latent at time t (gen expert)
@@ -284,51 +335,103 @@ def pack(samples, pad_id, C, device="cpu", dtype=torch.float32):
     training fills them on the device (pretrain.py), so workers can pack without the AE.
     A noise split does not advance the rope position (nothing after it sees it), a clean
     split takes one position for all its tokens, each text token takes one.
-    Returns a dict of [B, L] tensors; `b["kind"] == NOISE` selects the noise tokens in the
-    order their segments were given (row-major), which is how callers align targets."""
-    B = len(samples)
-    L = max(sum(len(seg[1]) if seg[0] == "text" else C_img(seg[1]) for seg in segs) for segs in samples)
-    ids = torch.full((B, L), pad_id, dtype=torch.long)
-    kind, pos, ipos = (torch.zeros(B, L, dtype=torch.long) for _ in range(3))
-    split, slot, labels = (torch.full((B, L), v, dtype=torch.long) for v in (-1, -1, -100))
-    sample = torch.full((B, L), -1, dtype=torch.long)      # pads get sample -1: invisible
-    t, lw = torch.zeros(B, L), torch.zeros(B, L)
+
+    row_len None: one row per sample, right-padded to the longest (every sample has
+    b["sample"] 0; inference relies on this layout).
+    row_len int: rows of exactly row_len tokens, each holding as many samples as fit
+    (first-fit decreasing: about 0.93 of the tokens are real for a pre-training batch of 32
+    at row_len 128..192, against 0.48 one per row). A sample keeps its own rope positions
+    (from 0) and splits; b["sample"] is its index in `samples`, and the mask lets tokens
+    attend only within their sample, so each sample computes exactly what it would alone.
+
+    Returns a dict of [B, L] tensors, plus flat indices into the B*L tokens (row-major):
+      und_idx  understanding tokens (text, clean, pads), ascending
+      gen_idx  noise tokens in the order their segments were given (sample by sample)
+      lab_idx  tokens that carry a text label, ascending (= b["labels"] != -100)
+    The velocity of forward(heads=True) / token_losses follows gen_idx, i.e. the given order,
+    which is how callers align targets. One row per sample, b["kind"] == NOISE selects the
+    same tokens in the same order; with row_len it is row-major, NOT the given order: use
+    b["gen_idx"] (h.flatten(0, 1)[b["gen_idx"]]) to pick noise tokens in the given order."""
+    lens = [sum(len(seg[1]) if seg[0] == "text" else C_img(seg[1]) for seg in segs) for segs in samples]
+    if row_len is None:
+        rows, L = [[i] for i in range(len(samples))], max(lens)
+    else:
+        if max(lens) > row_len:
+            i = int(np.argmax(lens))
+            raise ValueError(f"pack: sample {i} has {lens[i]} tokens, more than the row length {row_len}; "
+                             f"raise the row length (--row_len / row_len=) to at least {lens[i]}")
+        rows, L = fit_rows(lens, row_len), row_len
+    B = len(rows)
+    # numpy while filling (many tiny slices; pack runs in the data workers), torch at the end
+    ids = np.full((B, L), pad_id, np.int64)
+    kind, pos, ipos = (np.zeros((B, L), np.int64) for _ in range(3))
+    split, slot, labels, sample = (np.full((B, L), v, np.int64) for v in (-1, -1, -100, -1))
+    t, lw = np.zeros((B, L), np.float32), np.zeros((B, L), np.float32)
     lat = torch.zeros(B, L, C, dtype=dtype)
-    for i, segs in enumerate(samples):
-        n, p = 0, 0                                         # token index, rope position
-        for si, seg in enumerate(segs):
-            if seg[0] == "text":
-                k = len(seg[1])
-                w = torch.as_tensor(seg[2], dtype=torch.float).expand(k) if k else torch.zeros(0)
-                ids[i, n:n + k] = torch.as_tensor(list(seg[1]), dtype=torch.long)
-                split[i, n:n + k] = si
-                pos[i, n:n + k] = torch.arange(p, p + k)
-                # the label of the previous token is this one, when the previous is text
-                prev = torch.arange(n - 1, n + k - 1)
-                ok = w != 0
-                if k and (n == 0 or kind[i, n - 1] != TEXT):
-                    ok[0] = False
-                labels[i, prev[ok]] = ids[i, n:n + k][ok]
-                lw[i, prev[ok]] = w[ok]
-                n, p = n + k, p + k
-            else:
-                kd = CLEAN if seg[0] == "clean" else NOISE
-                k = C_img(seg[1])
-                kind[i, n:n + k] = kd
-                split[i, n:n + k] = si
-                pos[i, n:n + k] = p
-                ipos[i, n:n + k] = torch.arange(k)
-                if kd == NOISE:
-                    t[i, n:n + k] = float(seg[2])
-                if isinstance(seg[1], int):
-                    slot[i, n:n + k] = seg[1]
+    gen = [[] for _ in samples]
+    for r, members in enumerate(rows):
+        n, si = 0, 0                                        # token index, split id in the row
+        for i in members:
+            s0, p = n, 0                                    # sample start, rope position
+            for seg in samples[i]:
+                if seg[0] == "text":
+                    k = len(seg[1])
+                    w = np.broadcast_to(np.asarray(seg[2], np.float32), (k,))
+                    ids[r, n:n + k] = seg[1]
+                    kind[r, n:n + k] = TEXT
+                    split[r, n:n + k] = si
+                    pos[r, n:n + k] = np.arange(p, p + k)
+                    # the label of the previous token is this one, when the previous is text
+                    ok = w != 0
+                    if k and (n == s0 or kind[r, n - 1] != TEXT):
+                        ok = ok.copy()
+                        ok[0] = False
+                    prev = np.arange(n - 1, n + k - 1)[ok]
+                    labels[r, prev] = ids[r, n:n + k][ok]
+                    lw[r, prev] = w[ok]
+                    n, p = n + k, p + k
                 else:
-                    lat[i, n:n + k] = seg[1].detach().to("cpu", dtype)
-                n, p = n + k, p + (1 if kd == CLEAN else 0)
-        sample[i, :n] = 0
-    b = dict(ids=ids, kind=kind, split=split, pos=pos, ipos=ipos, t=t, lat=lat, labels=labels, lw=lw,
-             sample=sample, slot=slot, idx=torch.arange(L).expand(B, L).contiguous())
+                    kd = CLEAN if seg[0] == "clean" else NOISE
+                    k = C_img(seg[1])
+                    kind[r, n:n + k] = kd
+                    split[r, n:n + k] = si
+                    pos[r, n:n + k] = p
+                    ipos[r, n:n + k] = np.arange(k)
+                    if kd == NOISE:
+                        t[r, n:n + k] = float(seg[2])
+                        gen[i].append(np.arange(r * L + n, r * L + n + k))
+                    if isinstance(seg[1], int):
+                        slot[r, n:n + k] = seg[1]
+                    else:
+                        lat[r, n:n + k] = seg[1].detach().to("cpu", dtype)
+                    n, p = n + k, p + (1 if kd == CLEAN else 0)
+                si += 1
+            sample[r, s0:n] = 0 if row_len is None else i   # pads keep -1: invisible
+    gen = np.concatenate([a for g in gen for a in g]) if any(gen) else np.zeros(0, np.int64)
+    b = dict(ids=ids, kind=kind, split=split, pos=pos, ipos=ipos, t=t, labels=labels, lw=lw,
+             sample=sample, slot=slot, idx=np.broadcast_to(np.arange(L), (B, L)).copy(),
+             und_idx=np.flatnonzero(kind.reshape(-1) != NOISE), gen_idx=gen,
+             lab_idx=np.flatnonzero(labels.reshape(-1) != -100))
+    b = {k: torch.from_numpy(v) for k, v in b.items()}
+    b["lat"] = lat
     return {k: v.to(device) for k, v in b.items()}
+
+
+def fit_rows(lens, row_len):
+    """First-fit decreasing bin packing of sample lengths into rows of row_len: lists of sample
+    indices per row (ascending within a row). Longest first, each into the first row with
+    room; ties keep the given order, so the layout is a pure function of the lengths."""
+    rows, free = [], []
+    for i in sorted(range(len(lens)), key=lambda i: -lens[i]):
+        for r in range(len(rows)):
+            if free[r] >= lens[i]:
+                rows[r].append(i)
+                free[r] -= lens[i]
+                break
+        else:
+            rows.append([i])
+            free.append(row_len - lens[i])
+    return [sorted(r) for r in rows]
 
 
 N_IMG = 16
@@ -343,12 +446,14 @@ def C_img(x):
 
 def token_losses(model, b):
     """Unreduced per-token losses: text cross-entropy at label positions [B,L] (0 elsewhere)
-    and the predicted velocity at noise tokens [N_noise, C] (callers form the MSE)."""
+    and the predicted velocity at noise tokens [N_noise, C], in the order of b["gen_idx"]
+    (the order the noise segments were given; callers form the MSE)."""
     logits, v = model(b, heads=True)
-    m = b["labels"] != -100
-    ce = torch.zeros(b["labels"].shape, device=v.device)
-    ce[m] = F.cross_entropy(logits.float(), b["labels"][m], reduction="none")
-    return ce, v
+    labels = b["labels"]
+    lab = b["lab_idx"] if "lab_idx" in b else (labels.reshape(-1) != -100).nonzero().squeeze(1)
+    ce = F.cross_entropy(logits.float(), labels.reshape(-1)[lab], reduction="none")
+    ce = torch.zeros(labels.numel(), device=v.device).index_copy(0, lab, ce)
+    return ce.view(labels.shape), v
 
 
 def text_logprobs(model, b):

@@ -11,6 +11,9 @@ Launch (exact recipe of the shipped base: README "Pre-training"):
   torchrun --nproc_per_node=2 pretrain.py --stage umm ...      (DDP; same global batch)
   ... --resume                                                  (continue runs/base exactly)
   ... --init_from data/base                                     (continue from committed weights)
+  ... --row_len 160     rows of 160 tokens, each holding as many samples as fit (default;
+                        0 = one sample per row, right-padded: about half the tokens are pads)
+  ... --compile         torch.compile the model (forward and backward); bench.py --step times it
 
 Task mixture (design section 3). Each sample is a list of segments for model.pack:
   t2i       <bos> prompt <|vision_start|> [noise image]                 (CFG dropout: text dropped)
@@ -44,7 +47,7 @@ from common import setup_dist, teardown_dist, ddp, all_sum, finite, claim_run_di
 defaults = dict(
     stage="umm", out="runs/base", ae="runs/ae/ckpt", init_from="", resume=False, overwrite=False,
     depth=8, batch=128, steps=20000, lr=3e-4, warmup=300, cooldown=0.2, wd=0.0, clip=1.0,
-    ema=0.999, t_shift=1.0, cfg_drop=0.1, dtype="bf16", workers=2, seed=0,
+    ema=0.999, t_shift=1.0, cfg_drop=0.1, dtype="bf16", workers=2, seed=0, row_len=160, compile=False,
     log_every=50, ckpt_every=1000, eval_every=0, eval_n=8, minutes=0.0, max_minutes=0.0, stop_after=0, dump_grads="",
     ae_init="", ae_steps=3000, ae_minutes=0.0, ae_batch=32, ae_width=16, ae_lr=2e-3, ae_noise=0.2,
 )
@@ -112,8 +115,9 @@ def make_sample(task, rng, banned):
     raise ValueError(task)
 
 
-def make_batch(seed, step, lo, hi, banned, cfg_drop, t_shift, C):
-    """Samples lo..hi of the global batch of `step`, packed (on a CPU worker). Each sample has
+def make_batch(seed, step, lo, hi, banned, cfg_drop, t_shift, C, row_len=None):
+    """Samples lo..hi of the global batch of `step`, packed (on a CPU worker) into rows of
+    row_len tokens holding many samples each (None: one sample per row). Each sample has
     its own RNG seeded by (seed, step, index), so the global batch is the same for any number
     of processes and a resumed run sees exactly the data an uninterrupted one would.
     Images stay uint8 (encoded on the device); per noise image this draws
@@ -141,7 +145,7 @@ def make_batch(seed, step, lo, hi, banned, cfg_drop, t_shift, C):
             else:
                 segs.append(seg)
         samples.append(segs); names.append(task)
-    b = M.pack(samples, M.PAD, C)
+    b = M.pack(samples, M.PAD, C, row_len=row_len)
     b["images"] = torch.from_numpy(np.stack(images)) if images else torch.zeros(0, world.W, world.W, 3, dtype=torch.uint8)
     # eps per image slot (zeros for clean-only slots): the noise tokens gather theirs by slot
     b["eps_img"] = torch.zeros(len(images), M.N_IMG, C)
@@ -169,7 +173,8 @@ class Stream(torch.utils.data.IterableDataset):
         banned = world.eval_prompts()
         step = self.start + k
         while True:
-            yield make_batch(self.a["seed"], step, self.lo, self.hi, banned, self.a["cfg_drop"], self.a["t_shift"], self.C)
+            yield make_batch(self.a["seed"], step, self.lo, self.hi, banned, self.a["cfg_drop"], self.a["t_shift"], self.C,
+                             self.a["row_len"] or None)
             step += n
 
 
@@ -183,13 +188,13 @@ def to_device(b, ae, device):
     if img.any():
         with torch.no_grad():
             z = ae.encode(b["images"])                          # [n_images, n_img, C]
-        x0 = z[b["slot"][img], b["ipos"][img]]
-        b["lat"][img] = x0
-        nz = b["kind"] == M.NOISE
-        x0n = b["lat"][nz]                                      # just filled: the clean latents
-        eps = b["eps_img"][b["slot"][nz], b["ipos"][nz]]
-        t = b["t"][nz][:, None]
-        b["lat"][nz] = (1 - t) * x0n + t * eps                 # the target is u = eps - x0
+        b["lat"][img] = z[b["slot"][img], b["ipos"][img]]
+        # noise tokens in the order of gen_idx (the order the model returns velocities in)
+        g, flat = b["gen_idx"], b["lat"].view(-1, b["lat"].shape[-1])
+        x0n = flat[g]                                           # just filled: the clean latents
+        eps = b["eps_img"][b["slot"].view(-1)[g], b["ipos"].view(-1)[g]]
+        t = b["t"].view(-1)[g][:, None]
+        flat[g] = (1 - t) * x0n + t * eps                      # the target is u = eps - x0
         b["x0"], b["eps"] = x0n.view(-1, M.N_IMG, x0n.shape[-1]), eps.view(-1, M.N_IMG, x0n.shape[-1])
     else:
         b["x0"] = b["eps"] = None
@@ -311,6 +316,8 @@ def main(argv=None):
     ae.requires_grad_(False).eval()
     ema = {k: v.detach().clone().float() for k, v in umm.state_dict().items()}
     raw = umm
+    if a["compile"]:      # dynamic: the number of rows and the two experts' blocks vary per batch
+        umm = torch.compile(umm, dynamic=True)
     if world_size > 1:
         umm = ddp(umm, local, device)
     opt = torch.optim.AdamW(raw.parameters(), lr=a["lr"], betas=(0.9, 0.95), weight_decay=a["wd"], eps=1e-8)
@@ -394,9 +401,12 @@ def main(argv=None):
         # per-task losses for the progress line, averaged over the last 10 steps before it
         if (step - 1) % a["log_every"] >= a["log_every"] - 10 or step == a["steps"]:
             with torch.no_grad():
+                # the sample of each token (packed rows: b["sample"]; one per row: the row)
+                sid = b["sample"].clamp(min=0) if a["row_len"] else \
+                    torch.arange(len(b["tasks"]), device=ce.device)[:, None].expand_as(ce)
                 for task in set(b["tasks"]):
-                    rows = torch.tensor([t == task for t in b["tasks"]], device=ce.device)
-                    m = (b["lw"] > 0) & rows[:, None]
+                    of = torch.tensor([t == task for t in b["tasks"]], device=ce.device)
+                    m = (b["lw"] > 0) & of[sid]
                     if m.any():
                         last.setdefault(task, []).append(ce[m].mean().item())
                 last.setdefault("img", []).append(all_sum(loss_img.detach()).item() / world_size)
