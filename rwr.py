@@ -55,7 +55,7 @@ defaults = dict(
     sample_steps=25, cfg=1.0, shift=3.0,
     # regression
     weight_on="multimodal", baseline="none", beta=5.0, reject_at=0.5,
-    train_steps=150, batch=32, lr=5e-5, clip=1.0, t_shift=1.0, cfg_drop=0.1, ckpt_every=25,
+    train_steps=150, batch=32, lr=5e-5, clip=1.0, t_shift=1.0, cfg_drop=0.1, ckpt_every=25, row_len=160,
     # evaluation before / after on the held-out eval set
     eval_n=20, eval_k=2, dtype="fp32",
 )
@@ -65,7 +65,7 @@ choices = dict(weight_on=("multimodal", "image", "text"), baseline=("none", "sft
 ranges = dict(candidates=">= 1", K=">= 1", keep_lo="0..1", keep_hi="0..1", n_prompts=">= 0", N=">= 1",
               temperature=">= 0", max_think=">= 1", gen_batch=">= 1", sample_steps=">= 1", cfg=">= 0", shift="> 0",
               beta="0..80", reject_at="0..1", train_steps=">= 1", batch=">= 1", lr="> 0", clip="> 0", t_shift="> 0",
-              cfg_drop="0..1", ckpt_every=">= 1", eval_n=">= 1", eval_k=">= 1")
+              cfg_drop="0..1", ckpt_every=">= 1", row_len=">= 0", eval_n=">= 1", eval_k=">= 1")
 
 
 def mine(model, ae, a, device):
@@ -193,7 +193,7 @@ def main(argv=None):
                 samples += [text, [("text", [M.BOS, M.VS], 0), img]]
             else:
                 samples.append(text + forced + [img])
-        b = M.pack(samples, M.PAD, x0.shape[-1], device)
+        b = M.pack(samples, M.PAD, x0.shape[-1], device, row_len=a["row_len"] or None)   # packed rows
         with amp:
             ce, v = M.token_losses(policy, b)
         # both terms are means over the batch's samples of w_i times sample i's loss: the text term

@@ -64,6 +64,7 @@ defaults = dict(
     no_global=False, baseline="none",
     # regression
     lambda_c=0.5, train_steps=150, batch=32, lr=2.5e-5, warmup=10, clip=1.0, t_shift=1.0, cfg_drop=0.1, ckpt_every=25,
+    row_len=160,
     # evaluation before / after on the held-out eval set
     eval_n=20, eval_k=2, dtype="fp32",
 )
@@ -71,7 +72,8 @@ choices = dict(judge=("self", "oracle"), judge_score=("mean", "mode"), reward_ma
                reward_level=("region", "sample"), baseline=("none", "sft"), dtype=("fp32", "bf16"))
 ranges = dict(n_prompts=">= 0", N=">= 1", temperature=">= 0", max_think=">= 1", gen_batch=">= 1", sample_steps=">= 1",
               cfg=">= 0", shift="> 0", top_k=">= 1", lambda_c=">= 0", train_steps=">= 1", batch=">= 1", lr="> 0",
-              warmup=">= 0", clip="> 0", t_shift="> 0", cfg_drop="0..1", ckpt_every=">= 1", eval_n=">= 1", eval_k=">= 1")
+              warmup=">= 0", clip="> 0", t_shift="> 0", cfg_drop="0..1", ckpt_every=">= 1", row_len=">= 0", eval_n=">= 1",
+              eval_k=">= 1")
 
 
 def reward_map(g, regions, a):
@@ -182,7 +184,7 @@ def main(argv=None):
                 prompt = [M.BOS] + world.encode(ro["spec"][j]["prompt"]) + [M.THINK]
                 forced = [] if ro["switched"][j] else [M.VS]
                 samples.append([("text", prompt + ro["think"][j] + forced, 0), img])
-        b = M.pack(samples, M.PAD, x0.shape[-1], device)
+        b = M.pack(samples, M.PAD, x0.shape[-1], device, row_len=a["row_len"] or None)   # packed rows
         with amp:
             _, v = M.token_losses(policy, b)
         w = torch.as_tensor(Rtok[idx], device=device)                      # R per token [per, 16]
