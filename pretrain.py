@@ -38,7 +38,7 @@ import torch.nn.functional as F
 import world
 import model as M
 from kernels.loss import velocity_loss
-from common import setup_dist, all_sum, atomic_torch_save, Logger, parse_args
+from common import setup_dist, end_dist, all_sum, atomic_torch_save, Logger, parse_args
 
 defaults = dict(
     stage="umm", out="runs/base", ae="runs/ae/ckpt", init_from="", resume=False,
@@ -297,6 +297,7 @@ def main(argv=None):
         ae, rate = train_ae(a, device, log)
         if rank == 0:
             M.save_weights(os.path.join(a["out"], "ckpt"), None, ae, dict(stage="ae", ae_verifier_pass=rate, args=a))
+        end_dist()
         return
 
     # ---- model, frozen AE, optimiser
@@ -415,8 +416,8 @@ def main(argv=None):
         if stop:
             log.log(dict(stopped_at=step), f"stopping at step {step} (--max_minutes); continue with --resume")
             break
-    if world_size > 1:
-        torch.distributed.destroy_process_group()
+    umm = None                 # the DDP wrapper goes before the process group (see common.end_dist)
+    end_dist()
     return raw, ema
 
 
