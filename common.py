@@ -1,5 +1,6 @@
 """Plumbing shared by the scripts (not methods): distributed setup, atomic files, run folders."""
 import datetime
+import gc
 import json
 import os
 import time
@@ -27,9 +28,25 @@ def setup_dist():
 
 
 def teardown_dist():
-    """End distributed cleanly at the end of a script (every rank calls it)."""
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    """End torch.distributed at the end of a script (a no-op without it). Call it after the last
+    collective, with every DistributedDataParallel wrapper already dropped (`model = None`).
+
+    Why the order: gloo's ProcessGroup destructor joins its worker threads, and a worker may still
+    hold the last collective -- done, but not yet let go -- whose tensor was made in Python (all_sum's);
+    letting go of it takes the GIL. DDP's C++ Reducer owns the group too and frees it with the GIL
+    held, so when the wrapper outlives destroy_process_group() (it used to go at the function's
+    return), the Reducer is the last owner: the destructor waits on a worker that waits for the
+    GIL, and the rank sits after its last step forever (no collective is pending, so no timeout
+    fires). With the wrapper gone first, destroy_process_group() drops the last owner from Python,
+    whose binding releases the GIL before the destructor runs."""
+    if not dist.is_initialized():
+        return
+    gc.collect()                                     # a wrapper in a reference cycle goes now, not at exit
+    if any(issubclass(type(o), torch.nn.parallel.DistributedDataParallel) for o in gc.get_objects()):
+        raise RuntimeError("teardown_dist: a DistributedDataParallel wrapper is still alive; drop every "
+                           "reference to it first (its C++ Reducer would free the process group with "
+                           "the GIL held, which can deadlock the exit)")
+    dist.destroy_process_group()
 
 
 def all_sum(x):

@@ -302,6 +302,7 @@ def main(argv=None):
         ae, rate = train_ae(a, device, log)
         if rank == 0:
             M.save_weights(os.path.join(a["out"], "ckpt"), None, ae, dict(stage="ae", ae_verifier_pass=rate, args=a))
+        teardown_dist()
         return
 
     # ---- model, frozen AE, optimiser
@@ -433,6 +434,7 @@ def main(argv=None):
             why = "SIGTERM" if term else "--max_minutes / --stop_after"
             log.log(dict(stopped_at=step), f"stopping at step {step} ({why}); continue with --resume")
             break
+    umm = None                 # the DDP wrapper goes before the process group (see common.teardown_dist)
     teardown_dist()
     return raw, ema
 

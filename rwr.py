@@ -221,6 +221,7 @@ def main(argv=None):
     if rank == 0:
         runs.finish(raw, ae, before, eval_specs, ea, device, a, "rwr", log,
                     reward=stats, hist=R.histogram(r), rollouts_per_s=ro_per_s)
+    policy = None          # the DDP wrapper goes before the process group (see common.teardown_dist)
     teardown_dist()
 
 

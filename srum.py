@@ -206,6 +206,7 @@ def main(argv=None):
     if rank == 0:
         runs.finish(raw, ae, before, eval_specs, ea, device, a, "srum", log, reward=stats, hist=R.histogram((g + 1) / 2),
                     rollouts_per_s=ro_per_s, judge=judge_rec, token_reward_mean=float(Rtok.mean()))
+    policy = None          # the DDP wrapper goes before the process group (see common.teardown_dist)
     teardown_dist()
 
 
