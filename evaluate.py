@@ -125,7 +125,7 @@ def sample_grid(specs, k, imgs, correct, path, cols):
         i = next(n for n, s in enumerate(specs) if s["tag"] == t)
         rows.append(imgs[i * k:(i + 1) * k]); ok.append([bool(c) for c in correct[i * k:(i + 1) * k]])
         labels.append(f"[{t}] {specs[i]['prompt']}")
-    grid(rows, path, labels, ok, cols)
+    grid(rows, path, labels, ok, min(cols, k))
 
 
 @torch.no_grad()
