@@ -85,18 +85,19 @@ defaults = dict(
     ckpt="data/base", out="runs/irg", seed=0, resume=False, overwrite=False, report="",
     # IRGL data: prompts per tag (training prompts only), self-drawn image1s per prompt, flaws per prompt,
     # initial renders per prompt, candidate renders for "nearest to image1"
-    n_prompts=24, N=1, n_flaw=1, n_init=2, near=8,
+    n_prompts=24, N=1, n_flaw=1, n_edit=1, n_init=2, near=8,
     # inference (upstream IRG eval script)
-    temperature=0.3, max_think=80, sample_steps=25, cfg_text=4.0, cfg_img=2.0, cfg_lo1=0.4, shift=3.0, gen_batch=60,
+    temperature=0.3, max_think=80, sample_steps=25, cfg_text=4.0, cfg_img=2.0, cfg_lo1=0.4, cfg_lo2=0.0, shift=3.0,
+    gen_batch=60,
     # IRGL
-    stage1_steps=300, stage2_steps=100, batch=16, lr=1e-4, warmup=10, clip=1.0, t_shift=4.0, cfg_drop=0.1,
+    stage1_steps=300, stage2_steps=100, batch=16, lr=1e-4, warmup=10, clip=1.0, t_shift=1.0, cfg_drop=0.1,
     ckpt_every=25,
     # evaluation on the held-out eval set: eval_n prompts per tag, eval_k images each
     eval_n=10, eval_k=1, dtype="fp32",
 )
 choices = dict(dtype=("fp32", "bf16"))
-ranges = dict(n_prompts=">= 1", N=">= 0", n_flaw=">= 0", n_init=">= 1", near=">= 1", temperature=">= 0",
-              max_think=">= 1", sample_steps=">= 1", cfg_text=">= 0", cfg_img=">= 0", cfg_lo1="0..1", shift="> 0",
+ranges = dict(n_prompts=">= 1", N=">= 0", n_flaw=">= 0", n_edit=">= 0", n_init=">= 1", near=">= 1", temperature=">= 0",
+              max_think=">= 1", sample_steps=">= 1", cfg_text=">= 0", cfg_img=">= 0", cfg_lo1="0..1", cfg_lo2="0..1", shift="> 0",
               gen_batch=">= 1", stage1_steps=">= 0", stage2_steps=">= 0", batch=">= 1", lr="> 0", warmup=">= 0",
               clip="> 0", t_shift="> 0", cfg_drop="0..1", ckpt_every=">= 1", eval_n=">= 1", eval_k=">= 1")
 MODES = ("initial_full", "initial_thinking_gen", "initial_thinking_und",
@@ -105,8 +106,8 @@ STAGE_WEIGHTS = {1: dict(initial_full=1.0, improving_full=1.0, initial_thinking_
                          initial_thinking_und=0.5, improving_thinking_und=0.5),
                  2: dict(initial_full=1.0, improving_full=1.0)}
 # settings that make the IRGL data and the base's evals: a --resume must match them (runs.saved_rollouts)
-MADE_WITH = ("ckpt", "seed", "n_prompts", "N", "n_flaw", "n_init", "near", "temperature", "max_think", "sample_steps",
-             "cfg_text", "cfg_img", "cfg_lo1", "shift", "eval_n", "eval_k")
+MADE_WITH = ("ckpt", "seed", "n_prompts", "N", "n_flaw", "n_edit", "n_init", "near", "temperature", "max_think", "sample_steps",
+             "cfg_text", "cfg_img", "cfg_lo1", "cfg_lo2", "shift", "eval_n", "eval_k")
 IMAGE_TAGS = [t for t in world.TAGS if t not in ("knowledge", "counting_hard")]   # pre-training's image tags
 
 
@@ -187,7 +188,7 @@ def irg_generate(model, ae, prompts, s, generator=None):
     for i in range(s["sample_steps"]):
         t, dt = ts[i], ts[i] - ts[i + 1]
         v = velocity(model, cache, x, t)
-        if guided:
+        if guided and t >= s.get("cfg_lo2", 0.0):
             v = cfg_combine(v, velocity(model, text_unc, x, t), velocity(model, img_unc, x, t), s["cfg_text"], s["cfg_img"])
         x = x - v * dt                                            # v = eps - x0: step toward the data
     return dict(think1=t1, think2=t2, switched1=sw1, switched2=sw2, z1=z1, z2=x,
@@ -202,7 +203,7 @@ def img_uncond_ids(p, t1, t2):
 
 
 def sampler(a):
-    return {k: a[k] for k in ("temperature", "max_think", "sample_steps", "cfg_text", "cfg_img", "cfg_lo1", "shift")}
+    return {k: a[k] for k in ("temperature", "max_think", "sample_steps", "cfg_text", "cfg_img", "cfg_lo1", "cfg_lo2", "shift")}
 
 
 # ----------------------------------------------------------------------------- IRGL data
@@ -217,6 +218,38 @@ def nearest_render(spec, img, rng, n):
         if best is None or d < best[0]:
             best = (d, r, scene)
     return best[1], best[2]
+
+
+def edit_flaw(spec, scene, rng):
+    """A one-constraint flaw made by editing the target scene itself (the kinds of world.negative
+    that leave the layout in place: wrong colour, shape swap, swapped colours, missing object), so
+    that image1 and image2 differ in that one thing only: the "keep what is right" of IRG, exactly.
+    Returns the flawed scene, or None when no edit gives a flaw the verifier sees."""
+    boxed = ("square", "circle", "triangle", "cross")            # the shapes that fill the same square box
+    for _ in range(20):
+        bad = [dict(o) for o in scene]
+        k = int(rng.integers(len(bad)))
+        o = bad[k]
+        kind = ["wrong color", "shape swap", "swapped colors", "missing object"][int(rng.integers(4))]
+        if kind == "wrong color":
+            o["color"] = world._pick(rng, [c for c in world._colors_for(o["shape"], "train") if c != o["color"]]
+                                     if o["shape"] != "number" else [c for c in world.COLORS if c != o["color"]])
+        elif kind == "shape swap" and o["shape"] in boxed:
+            o["shape"] = world._pick(rng, [x for x in boxed if x != o["shape"] and o["color"] in world._colors_for(x, "train")])
+        elif kind == "swapped colors" and len(bad) > 1:
+            j = int(rng.integers(len(bad)))
+            o["color"], bad[j]["color"] = bad[j]["color"], o["color"]
+        elif kind == "missing object":
+            del bad[k]
+        else:
+            continue
+        if world._has_held_triple(bad) or any(b["shape"] != "number" and b["color"] not in world._colors_for(b["shape"], "train")
+                                              for b in bad):
+            continue
+        img = world.draw(bad)
+        if not world.verify(spec, img)["correct"]:
+            return img
+    return None
 
 
 def train_specs(a):
@@ -245,6 +278,13 @@ def build_irgl(model, ae, specs, a, device, log):
             improving.append(dict(spec=s, t1=enc(world.plan_text(scene)) + end, t1_loss=True, img1=bad,
                                   t2=enc(world.reflection_text(s, v, scene)) + end, img2=fix, source="flaw",
                                   right1=False))
+        for _ in range(a["n_edit"]):
+            fix, scene = world.render(s, rng, holdout="train")
+            bad = edit_flaw(s, scene, rng)
+            if bad is not None:
+                improving.append(dict(spec=s, t1=enc(world.plan_text(scene)) + end, t1_loss=True, img1=bad,
+                                      t2=enc(world.reflection_text(s, bad, scene)) + end, img2=fix, source="edit",
+                                      right1=False))
     # self: image1 drawn by the model itself (IRG's steps 1-2), judged by the verifier
     jobs = [s for s in specs for _ in range(a["N"])]
     gen = torch.Generator(device).manual_seed(1000 + a["seed"])
