@@ -36,6 +36,10 @@ prompt; knowledge and counts 5-6 are left out as in pre-training: their images t
                     (fixes the flaw, keeps what it can of the rest)
      flaw    image1 = world.negative (a render that breaks exactly one constraint), think1 = the
              plan of image2, image2 = the render nearest to image1 among --near, think2 = its reflection
+     edit    image2 = a render, image1 = the same scene with one constraint broken in place (edit_flaw:
+             wrong colour, shape swap, swapped colours, missing object), think2 = its reflection: the
+             pair differs in that one thing only, which is what "fix it, keep the rest" means
+             (world.negative re-lays the whole scene out, so its nearest render still moves things)
 The six learning modes (upstream SFT/data/configs/train_toy_dataset_stage{1,2}.yaml; losses as in
 upstream's MultiThinkInterleaveT2IDataset: a part carries a loss or is context). Sequences, then
 what carries a loss (CE = text cross-entropy, MSE = flow-matching velocity loss):
@@ -58,8 +62,10 @@ what carries a loss (CE = text cross-entropy, MSE = flow-matching velocity loss)
   conditions): initial -> <bos> <vs> [noise]; improving -> think2 dropped (the text-uncond context
   above) and/or image1 dropped (the img-uncond context), so inference's contexts are trained ones.
   Stage 1 samples the six modes with the weights above; stage 2 only the two full modes.
-  Flow matching: x_t = (1 - t) x0 + t eps, t = shift(sigmoid(randn)) with shift --t_shift (upstream
-  4.0), target v = eps - x0. Losses: mean CE over the batch's CE tokens + mean MSE over its noise tokens.
+  Flow matching: x_t = (1 - t) x0 + t eps, t = shift(sigmoid(randn)) with shift --t_shift, target
+  v = eps - x0. Upstream trains at shift 4.0; the default here is 1.0, the base's pre-training shift:
+  at 4.0 (median t 0.8) image2 kept the layout of a right image1 but changed 6% of its pixels and
+  broke half of the right images it was told to keep (RESULTS.md, "IRG"): copying is low-t detail. Losses: mean CE over the batch's CE tokens + mean MSE over its noise tokens.
   AdamW (0.9, 0.95), constant LR after a short warmup, grad clip 1, one optimiser through both stages.
 
 The run folder: config.json, metrics.jsonl, irgl.rank0.pt (the data and the base's evals, for
