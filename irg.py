@@ -320,7 +320,7 @@ def pick_modes(stage, n, rng):
 def mode_sample(mode, rec, z, rng, a):
     """One training sample (segments for model.pack) of `mode` from record `rec`; z: its encoded
     images (x_t, eps, t and x0 of the image that carries the MSE are filled by the caller: the
-    noise segment holds a placeholder index). Returns (segments, has_image_loss)."""
+    noise segment is a placeholder ("noise", None, None)). Returns (segments, has_image_loss)."""
     P = [M.BOS] + world.encode(rec["spec"]["prompt"]) + [M.THINK]
     if mode.startswith("initial"):
         ce1 = 1.0 if mode in ("initial_full", "initial_thinking_und") else 0.0
@@ -348,10 +348,6 @@ def mode_sample(mode, rec, z, rng, a):
 
 
 # ----------------------------------------------------------------------------- the run
-
-def label(c):
-    return f"IRGL (stage1 {c['stage1_steps']}, stage2 {c['stage2_steps']}, lr {c['lr']:g})"
-
 
 def main(argv=None):
     a = parse_args(defaults, argv, __doc__, choices, ranges)

@@ -7,7 +7,6 @@
   - an end-to-end tiny run; a killed run resumed ends with the same weights; --report; bad flags
 """
 import json
-import os
 
 import numpy as np
 import pytest
