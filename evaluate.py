@@ -13,6 +13,10 @@ Reports, per tag and overall:
               prompts (P("yes") > 0.5), i.e. understanding on the prompts generation is scored on
   switch      rate at which the model emits <|vision_start|> by itself in think mode
 and writes summary.json and a sample grid (one row per tag) to --out.
+  python evaluate.py --modes irg             # IRG inference (irg.py): think1, image1, think2, image2
+With --modes irg (evaluate_irg): accuracy of image1 and of image2 per tag, the fix rate
+P(image2 right | image1 wrong), the break rate P(image2 wrong | image1 right), and a grid
+prompt | think1 | image1 | think2 | image2 (--out/irg: summary.json, grid_irg.png).
 """
 import json
 import os
@@ -27,9 +31,12 @@ from common import parse_args, Progress
 
 defaults = dict(ckpt="data/base", eval="data/eval.jsonl", out="runs/eval", n=50, k=4, batch=96,
                 sample_steps=25, cfg=4.0, shift=3.0, temperature=0.7, max_think=64, seed=0,
-                modes="think,forced", und=True, grid_cols=8)
+                modes="think,forced", und=True, grid_cols=8, irg_max_think=80)
+# IRG inference (--modes irg), the upstream IRG eval script's settings (design.md section 4)
+# (think2 names the problem, then the whole layout: --irg_max_think, 80 as irg.py, bounds each think)
+irg_defaults = dict(temperature=0.3, cfg_text=4.0, cfg_img=2.0, cfg_lo1=0.4)
 ranges = dict(n=">= 1", k=">= 1", batch=">= 1", sample_steps=">= 1", cfg=">= 0", shift="> 0", temperature=">= 0",
-              max_think=">= 1", grid_cols=">= 1")
+              max_think=">= 1", grid_cols=">= 1", irg_max_think=">= 1")
 
 
 def gen_scores(model, ae, specs, mode, a, device):
@@ -171,11 +178,85 @@ def evaluate(model, ae, specs, a, device, out_dir=None, log=print):
     return summary
 
 
+@torch.no_grad()
+def evaluate_irg(model, ae, specs, a, device, out_dir=None, log=print):
+    """IRG inference (irg.irg_generate) on specs, k images each; a: the sampler settings (irg.sampler)
+    plus k, batch, seed. Per tag and overall (mean over tags, as evaluate): accuracy of image1 and of
+    image2; over all images: fix = P(image2 right | image1 wrong), break = P(image2 wrong | image1 right).
+    Writes summary.json and grid_irg.png (first prompt of every tag) to out_dir."""
+    import irg                                      # irg.py imports this file: import at call time
+    model.eval()
+    jobs = [s for s in specs for _ in range(a["k"])]
+    g = torch.Generator(device).manual_seed(a["seed"])
+    ok1, ok2, im1, im2, th1, th2 = [], [], [], [], [], []
+    t0, last = time.time(), time.time()
+    for i in range(0, len(jobs), a["batch"]):
+        if time.time() - last > 15:
+            rate = i / (time.time() - t0)
+            print(f"  eval irg: {i}/{len(jobs)} ({rate:.1f}/s, eta {(len(jobs) - i) / rate:.0f} s)", flush=True)
+            last = time.time()
+        chunk = jobs[i:i + a["batch"]]
+        out = irg.irg_generate(model, ae, [world.encode(s["prompt"]) for s in chunk], a, g)
+        ok1 += [world.verify(s, x)["correct"] for s, x in zip(chunk, out["img1"])]
+        ok2 += [world.verify(s, x)["correct"] for s, x in zip(chunk, out["img2"])]
+        im1 += list(out["img1"]); im2 += list(out["img2"])
+        th1 += [world.decode(t) for t in out["think1"]]; th2 += [world.decode(t) for t in out["think2"]]
+    ok1, ok2 = np.array(ok1), np.array(ok2)
+    tags = [t for t in world.TAGS if any(s["tag"] == t for s in specs)]
+    tag_of = np.array([s["tag"] for s in jobs])
+    per_tag = {t: (float(ok1[tag_of == t].mean()), float(ok2[tag_of == t].mean())) for t in tags}
+    res = dict(image1=float(np.mean([per_tag[t][0] for t in tags])), image2=float(np.mean([per_tag[t][1] for t in tags])),
+               fix=float(ok2[~ok1].mean()) if (~ok1).any() else None, n_wrong1=int((~ok1).sum()),
+               **{"break": float((~ok2[ok1]).mean()) if ok1.any() else None}, n_right1=int(ok1.sum()),
+               per_tag=per_tag, n=len(jobs), per_s=len(jobs) / (time.time() - t0),
+               examples=[dict(prompt=jobs[i]["prompt"], think1=th1[i], think2=th2[i], right1=bool(ok1[i]),
+                              right2=bool(ok2[i])) for i in range(0, len(jobs), max(1, len(jobs) // 12))])
+    lines = [f"{'tag':15s} {'image1':>8s} {'image2':>8s}"] + [f"{t:15s} {per_tag[t][0]:8.3f} {per_tag[t][1]:8.3f}" for t in tags]
+    lines += [f"{'overall':15s} {res['image1']:8.3f} {res['image2']:8.3f}",
+              f"fix (image2 right | image1 wrong): {res['fix']}  break (image2 wrong | image1 right): {res['break']}"]
+    res["table"] = "\n".join(lines)
+    log(res["table"])
+    if out_dir:
+        os.makedirs(out_dir, exist_ok=True)
+        rows = [next(i for i, s in enumerate(jobs) if s["tag"] == t) for t in tags]
+        irg_grid([(f"[{jobs[i]['tag']}] {jobs[i]['prompt']}", th1[i], im1[i], bool(ok1[i]), th2[i], im2[i], bool(ok2[i]))
+                  for i in rows], os.path.join(out_dir, "grid_irg.png"))
+        with open(os.path.join(out_dir, "summary.json"), "w") as f:
+            json.dump(res, f, indent=1)
+    return res
+
+
+def irg_grid(rows, path):
+    """One row per entry (prompt, think1, image1, ok1, think2, image2, ok2): the texts wrapped in their
+    columns, the images 2x with the verifier's verdict as a green / red border."""
+    from PIL import Image, ImageDraw
+    import textwrap
+    S, B, TW = world.W * 2, 3, 300
+    cell = S + 2 * B + 4
+    H = max(cell, 110)
+    widths = [200, TW, cell, TW, cell]
+    canvas = Image.new("RGB", (sum(widths), len(rows) * H), (40, 40, 40))
+    draw = ImageDraw.Draw(canvas)
+    for r, (prompt, t1, i1, ok1, t2, i2, ok2) in enumerate(rows):
+        x = 0
+        for w, item in zip(widths, [prompt, t1, (i1, ok1), t2, (i2, ok2)]):
+            y = r * H + 2
+            if isinstance(item, str):
+                draw.multiline_text((x + 4, y + 2), "\n".join(textwrap.wrap(item, w // 6 - 2)[:9]), fill=(230, 230, 230),
+                                    font=_font())
+            else:
+                im, ok = item
+                draw.rectangle([x + 2, y, x + 2 + S + 2 * B - 1, y + S + 2 * B - 1], fill=(40, 200, 60) if ok else (220, 40, 40))
+                canvas.paste(Image.fromarray(np.asarray(im, np.uint8).repeat(2, 0).repeat(2, 1)), (x + 2 + B, y + B))
+            x += w
+    canvas.save(path)
+
+
 def main(argv=None):
     a = parse_args(defaults, argv, __doc__, ranges=ranges)
     for m in a["modes"].split(","):
-        if m not in ("think", "forced", ""):
-            raise ValueError(f"--modes {a['modes']!r}: a comma list of think, forced")
+        if m not in ("think", "forced", "irg", ""):
+            raise ValueError(f"--modes {a['modes']!r}: a comma list of think, forced, irg")
     device = "cuda" if torch.cuda.is_available() else "cpu"
     specs = world.pick(world.load_specs(a["eval"]), a["n"])
     model, ae, meta = M.load_weights(a["ckpt"], device)
@@ -183,7 +264,9 @@ def main(argv=None):
         raise ValueError(f"{a['ckpt']}.json is an autoencoder-only checkpoint; pass a UMM checkpoint with --ckpt")
     os.makedirs(a["out"], exist_ok=True)
     print(f"evaluating {a['ckpt']} (step {meta.get('step')}) on {len(specs)} prompts x {a['k']} images")
-    return evaluate(model, ae, specs, a, device, a["out"])
+    if "irg" in a["modes"].split(","):       # the IRG sampler's own settings (not --temperature etc.)
+        evaluate_irg(model, ae, specs, dict(a, **irg_defaults, max_think=a["irg_max_think"]), device, os.path.join(a["out"], "irg"))
+    return evaluate(model, ae, specs, dict(a, modes=a["modes"].replace("irg", "")), device, a["out"])
 
 
 if __name__ == "__main__":
