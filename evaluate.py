@@ -180,11 +180,10 @@ def evaluate(model, ae, specs, a, device, out_dir=None, log=print):
 
 @torch.no_grad()
 def evaluate_irg(model, ae, specs, a, device, out_dir=None, log=print):
-    """IRG inference (irg.irg_generate) on specs, k images each; a: the sampler settings (irg.sampler)
+    """IRG inference (model.irg_generate) on specs, k images each; a: the sampler settings (irg.sampler)
     plus k, batch, seed. Per tag and overall (mean over tags, as evaluate): accuracy of image1 and of
     image2; over all images: fix = P(image2 right | image1 wrong), break = P(image2 wrong | image1 right).
     Writes summary.json and grid_irg.png (first prompt of every tag) to out_dir."""
-    import irg                                      # irg.py imports this file: import at call time
     model.eval()
     jobs = [s for s in specs for _ in range(a["k"])]
     g = torch.Generator(device).manual_seed(a["seed"])
@@ -196,7 +195,7 @@ def evaluate_irg(model, ae, specs, a, device, out_dir=None, log=print):
             print(f"  eval irg: {i}/{len(jobs)} ({rate:.1f}/s, eta {(len(jobs) - i) / rate:.0f} s)", flush=True)
             last = time.time()
         chunk = jobs[i:i + a["batch"]]
-        out = irg.irg_generate(model, ae, [world.encode(s["prompt"]) for s in chunk], a, g)
+        out = M.irg_generate(model, ae, [world.encode(s["prompt"]) for s in chunk], a, world.PALETTE, g)
         ok1 += [world.verify(s, x)["correct"] for s, x in zip(chunk, out["img1"])]
         ok2 += [world.verify(s, x)["correct"] for s, x in zip(chunk, out["img2"])]
         im1 += list(out["img1"]); im2 += list(out["img2"])

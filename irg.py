@@ -73,7 +73,6 @@ The run folder: config.json, metrics.jsonl, irgl.rank0.pt (the data and the base
 stage2_irg/ (IRG inference on the eval set: accuracy of image1 and image2 per tag, fix and break
 rates, grid prompt | think1 | image1 | think2 | image2), data.png (IRGL samples), ckpt.*, summary.json/md.
 """
-import copy
 import json
 import os
 import time
@@ -118,94 +117,10 @@ IMAGE_TAGS = [t for t in world.TAGS if t not in ("knowledge", "counting_hard")] 
 
 
 # ----------------------------------------------------------------------------- inference
-
-def fork(cache):
-    """A copy of a KV cache that can grow on its own (appends concatenate: tensors are shared, not mutated)."""
-    c = copy.copy(cache)
-    c.kv, c.pos = list(cache.kv), cache.pos.clone()
-    return c
-
-
-def cfg_combine(v_c, v_tu, v_iu, cfg_text, cfg_img):
-    """Text and image CFG, nested as BAGEL's _forward_flow (modeling/bagel/bagel.py, cfg_renorm off):
-        v_text = v_tu + cfg_text * (v_c - v_tu)
-        v      = v_iu + cfg_img  * (v_text - v_iu)
-             = v_iu + cfg_img * (v_tu - v_iu) + cfg_img * cfg_text * (v_c - v_tu)
-    (the text term is scaled by cfg_img too). cfg_img 1 leaves plain text CFG."""
-    v_text = v_tu + cfg_text * (v_c - v_tu)
-    return v_iu + cfg_img * (v_text - v_iu)
-
-
-def velocity(model, cache, x, t):
-    """v_theta(x_t, t | cached context) at the n_img noisy tokens (never written to the cache)."""
-    B, n, C = x.shape
-    b, _ = M.step_batch(cache, M.NOISE, n, B, x.device, lat=x, t=torch.full((B, n), t, device=x.device), C=C)
-    return model.velocity(model(b, cache))
-
-
-def switch(model, cache, toks):
-    """Rows that stopped without <|vision_start|> (hit <eos> or the length cap) are switched by force."""
-    sw = torch.tensor([len(t) > 0 and t[-1] == M.VS for t in toks], device=cache.pos.device)
-    if not sw.all():
-        M.append_text(model, cache, torch.full((len(toks), 1), M.VS, device=cache.pos.device), live=~sw)
-    return sw
-
-
-@torch.no_grad()
-def draw_first(model, ae, prompts, s, generator=None):
-    """Steps 1-3: think1, image1 (text CFG, interval [cfg_lo1, 1]), image1 decoded and re-entered clean.
-    Returns (cache through image1, think1 tokens, switched, image1 latents z1, image1 pixels, re-entered latents)."""
-    dev = next(model.parameters()).device
-    B = len(prompts)
-    cache, logits = M.prefill(model, [[M.BOS] + list(p) + [M.THINK] for p in prompts], dev)
-    t1, _ = M.decode_text(model, cache, logits, {M.VS, M.EOS}, s["max_think"], s["temperature"], generator)
-    sw1 = switch(model, cache, t1)
-    unc, _ = M.prefill(model, [[M.BOS, M.VS]] * B, dev)          # the "system prompt only" context
-    z1 = M.sample_image(model, cache, unc, steps=s["sample_steps"], cfg=s["cfg_text"], cfg_interval=(s["cfg_lo1"], 1.0),
-                        shift=s["shift"], generator=generator)
-    img1 = ae.decode(z1, world.PALETTE)
-    zc = ae.encode(img1)                                          # re-entered as the AE reads it, not the raw latent
-    M.append_image(model, cache, zc)
-    return cache, t1, sw1, z1, img1, zc
-
-
-@torch.no_grad()
-def irg_generate(model, ae, prompts, s, generator=None):
-    """The whole IRG pipeline, batched and KV-cached. prompts: list of id lists; s: the sampler
-    settings (temperature, max_think, sample_steps, cfg_text, cfg_img, cfg_lo1, shift).
-    Returns dict(think1, think2 (token lists), switched1, switched2, z1, z2, img1, img2 (uint8 numpy))."""
-    dev = next(model.parameters()).device
-    B = len(prompts)
-    cache, t1, sw1, z1, img1, zc = draw_first(model, ae, prompts, s, generator)
-    # step 4: think2 after <|vision_end|> <think>; the text-uncond context forks off before <think>
-    M.append_text(model, cache, torch.full((B, 1), M.VE, device=dev))
-    text_unc = fork(cache)
-    logits = M.append_text(model, cache, torch.full((B, 1), M.THINK, device=dev))
-    t2, _ = M.decode_text(model, cache, logits, {M.VS, M.EOS}, s["max_think"], s["temperature"], generator)
-    sw2 = switch(model, cache, t2)
-    M.append_text(model, text_unc, torch.full((B, 1), M.VS, device=dev))
-    # the img-uncond context: all the text, no image (image1 dropped with its <vs> ... <ve>)
-    img_unc, _ = M.prefill(model, [img_uncond_ids(p, a, b) for p, a, b in zip(prompts, t1, t2)], dev)
-    # step 5: image2, Euler from t = 1 (noise) to 0 with the three fields combined
-    c = model.c
-    x = torch.randn(B, c.n_img, c.latent_ch, device=dev, generator=generator)
-    ts = M.shift_t(torch.linspace(1, 0, s["sample_steps"] + 1), s["shift"]).tolist()
-    guided = s["cfg_text"] != 1.0 or s["cfg_img"] != 1.0
-    for i in range(s["sample_steps"]):
-        t, dt = ts[i], ts[i] - ts[i + 1]
-        v = velocity(model, cache, x, t)
-        if guided and t >= s.get("cfg_lo2", 0.0):
-            v = cfg_combine(v, velocity(model, text_unc, x, t), velocity(model, img_unc, x, t), s["cfg_text"], s["cfg_img"])
-        x = x - v * dt                                            # v = eps - x0: step toward the data
-    return dict(think1=t1, think2=t2, switched1=sw1, switched2=sw2, z1=z1, z2=x,
-                img1=img1.cpu().numpy(), img2=ae.decode(x, world.PALETTE).cpu().numpy())
-
-
-def img_uncond_ids(p, t1, t2):
-    """<bos> P <think> T1 </think> <think> T2 </think> <vs>: the context with image1 (and its <vs>) removed."""
-    t1 = t1[:-1] if t1 and t1[-1] == M.VS else t1
-    t2 = t2 if t2 and t2[-1] == M.VS else list(t2) + [M.VS]
-    return [M.BOS] + list(p) + [M.THINK] + list(t1) + [M.THINK] + list(t2)
+# The interleaved inference (steps 1-5 above) lives in model.py's unified generation, beside
+# model.generate, because evaluate.py runs it too: M.irg_generate, M.draw_first, M.cfg_combine,
+# M.img_uncond_ids (named here as well, for the tests and for readers of this file).
+from model import cfg_combine, draw_first, img_uncond_ids, irg_generate  # noqa: E402,F401  (re-exported)
 
 
 def sampler(a):
@@ -297,7 +212,7 @@ def build_irgl(model, ae, specs, a, device, log):
     prog = runs.Progress("self-drawn image1", len(jobs), log=print)
     for i in range(0, len(jobs), a["gen_batch"]):
         chunk = jobs[i:i + a["gen_batch"]]
-        _, t1, sw1, _, img1, _ = draw_first(model, ae, [enc(s["prompt"]) for s in chunk], sampler(a), gen)
+        _, t1, sw1, _, img1, _ = draw_first(model, ae, [enc(s["prompt"]) for s in chunk], sampler(a), world.PALETTE, gen)
         for s, t, sw, im in zip(chunk, t1, sw1.tolist(), img1.cpu().numpy()):
             v = world.verify(s, im)
             if v["correct"]:                        # keep: think2 says so, image2 is image1

@@ -16,6 +16,7 @@ Conventions (upstream BAGEL; flipping any of them silently breaks generation):
   positions       1-D RoPE; a whole image shares one position id; a 2-D sin-cos table is
                   added to image tokens.
 """
+import copy
 import json
 import math
 import os
@@ -767,3 +768,95 @@ def generate(model, prompts, mode="think", max_think=64, temperature=1.0, genera
     uncond, _ = prefill(model, [[BOS, VS]] * B, dev)
     z = sample_image(model, cache, uncond, generator=generator, **img_kw)
     return dict(think=toks, switched=switched, z=z, cache=cache)
+
+
+# ----------------------------------------------------------------------------- interleaved generation (IRG, paper 003)
+
+def fork(cache):
+    """A copy of a KV cache that can grow on its own (appends concatenate: tensors are shared, not mutated)."""
+    c = copy.copy(cache)
+    c.kv, c.pos = list(cache.kv), cache.pos.clone()
+    return c
+
+
+def cfg_combine(v_c, v_tu, v_iu, cfg_text, cfg_img):
+    """Text and image CFG, nested as BAGEL's _forward_flow (modeling/bagel/bagel.py, cfg_renorm off):
+        v_text = v_tu + cfg_text * (v_c - v_tu)
+        v      = v_iu + cfg_img  * (v_text - v_iu)
+             = v_iu + cfg_img * (v_tu - v_iu) + cfg_img * cfg_text * (v_c - v_tu)
+    (the text term is scaled by cfg_img too). cfg_img 1 leaves plain text CFG."""
+    v_text = v_tu + cfg_text * (v_c - v_tu)
+    return v_iu + cfg_img * (v_text - v_iu)
+
+
+def noise_velocity(model, cache, x, t):
+    """v_theta(x_t, t | cached context) at the n_img noisy tokens (never written to the cache)."""
+    B, n, C = x.shape
+    b, _ = step_batch(cache, NOISE, n, B, x.device, lat=x, t=torch.full((B, n), t, device=x.device), C=C)
+    return model.velocity(model(b, cache))
+
+
+def force_switch(model, cache, toks):
+    """Rows that stopped without <|vision_start|> (hit <eos> or the length cap) are switched by force."""
+    sw = torch.tensor([len(t) > 0 and t[-1] == VS for t in toks], device=cache.pos.device)
+    if not sw.all():
+        append_text(model, cache, torch.full((len(toks), 1), VS, device=cache.pos.device), live=~sw)
+    return sw
+
+
+@torch.no_grad()
+def draw_first(model, ae, prompts, s, palette, generator=None):
+    """Steps 1-3: think1, image1 (text CFG, interval [cfg_lo1, 1]), image1 decoded and re-entered clean.
+    Returns (cache through image1, think1 tokens, switched, image1 latents z1, image1 pixels, re-entered latents)."""
+    dev = next(model.parameters()).device
+    B = len(prompts)
+    cache, logits = prefill(model, [[BOS] + list(p) + [THINK] for p in prompts], dev)
+    t1, _ = decode_text(model, cache, logits, {VS, EOS}, s["max_think"], s["temperature"], generator)
+    sw1 = force_switch(model, cache, t1)
+    unc, _ = prefill(model, [[BOS, VS]] * B, dev)          # the "system prompt only" context
+    z1 = sample_image(model, cache, unc, steps=s["sample_steps"], cfg=s["cfg_text"], cfg_interval=(s["cfg_lo1"], 1.0),
+                        shift=s["shift"], generator=generator)
+    img1 = ae.decode(z1, palette)
+    zc = ae.encode(img1)                                          # re-entered as the AE reads it, not the raw latent
+    append_image(model, cache, zc)
+    return cache, t1, sw1, z1, img1, zc
+
+
+@torch.no_grad()
+def irg_generate(model, ae, prompts, s, palette, generator=None):
+    """The whole IRG pipeline, batched and KV-cached. prompts: list of id lists; s: the sampler
+    settings (temperature, max_think, sample_steps, cfg_text, cfg_img, cfg_lo1, shift); palette:
+    the AE's decoding palette (palette).
+    Returns dict(think1, think2 (token lists), switched1, switched2, z1, z2, img1, img2 (uint8 numpy))."""
+    dev = next(model.parameters()).device
+    B = len(prompts)
+    cache, t1, sw1, z1, img1, zc = draw_first(model, ae, prompts, s, palette, generator)
+    # step 4: think2 after <|vision_end|> <think>; the text-uncond context forks off before <think>
+    append_text(model, cache, torch.full((B, 1), VE, device=dev))
+    text_unc = fork(cache)
+    logits = append_text(model, cache, torch.full((B, 1), THINK, device=dev))
+    t2, _ = decode_text(model, cache, logits, {VS, EOS}, s["max_think"], s["temperature"], generator)
+    sw2 = force_switch(model, cache, t2)
+    append_text(model, text_unc, torch.full((B, 1), VS, device=dev))
+    # the img-uncond context: all the text, no image (image1 dropped with its <vs> ... <ve>)
+    img_unc, _ = prefill(model, [img_uncond_ids(p, a, b) for p, a, b in zip(prompts, t1, t2)], dev)
+    # step 5: image2, Euler from t = 1 (noise) to 0 with the three fields combined
+    c = model.c
+    x = torch.randn(B, c.n_img, c.latent_ch, device=dev, generator=generator)
+    ts = shift_t(torch.linspace(1, 0, s["sample_steps"] + 1), s["shift"]).tolist()
+    guided = s["cfg_text"] != 1.0 or s["cfg_img"] != 1.0
+    for i in range(s["sample_steps"]):
+        t, dt = ts[i], ts[i] - ts[i + 1]
+        v = noise_velocity(model, cache, x, t)
+        if guided and t >= s.get("cfg_lo2", 0.0):
+            v = cfg_combine(v, noise_velocity(model, text_unc, x, t), noise_velocity(model, img_unc, x, t), s["cfg_text"], s["cfg_img"])
+        x = x - v * dt                                            # v = eps - x0: step toward the data
+    return dict(think1=t1, think2=t2, switched1=sw1, switched2=sw2, z1=z1, z2=x,
+                img1=img1.cpu().numpy(), img2=ae.decode(x, palette).cpu().numpy())
+
+
+def img_uncond_ids(p, t1, t2):
+    """<bos> P <think> T1 </think> <think> T2 </think> <vs>: the context with image1 (and its <vs>) removed."""
+    t1 = t1[:-1] if t1 and t1[-1] == VS else t1
+    t2 = t2 if t2 and t2[-1] == VS else list(t2) + [VS]
+    return [BOS] + list(p) + [THINK] + list(t1) + [THINK] + list(t2)

@@ -49,7 +49,7 @@ def test_cached_irg_equals_full_recompute():
     s = dict(temperature=0.0, max_think=5, sample_steps=3, cfg_text=4.0, cfg_img=2.0, cfg_lo1=0.4, shift=3.0)
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
-        out = irg.irg_generate(m, ae, prompts, s, g)
+        out = irg.irg_generate(m, ae, prompts, s, world.PALETTE, g)
         # greedy text: the generator is only used for the two initial noises, in this order
         g = torch.Generator().manual_seed(0)
         x1_all = torch.randn(2, 16, 32, generator=g)
