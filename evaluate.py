@@ -245,7 +245,15 @@ def unified_bench(model, ae, n, encoders, device, steps=10, cfg=4.0, shift=3.0, 
     texts = [world.decode(c) for c in caps]
     res = {name: float(np.mean(f(src, rec))) for name, f in encoders.items()}
     sf = scene_f1(src, rec)
+    # the caption's objects against the scene's, pooled over the bench: does it name fewer (recall) or wrong ones?
+    from collections import Counter
+    got = [Counter((o["shape"], o["color"], o["size"], o["pos"], o["text"]) for o in (world.parse_caption(t) or []))
+           for t in texts]
+    want = [Counter(world.caption_key(o) for o in s) for s in scenes]
+    tp = sum(sum((g_ & w).values()) for g_, w in zip(got, want))
     res.update(scene_f1=float(sf.mean()),
+               caption_precision=tp / max(1, sum(sum(g_.values()) for g_ in got)),
+               caption_recall=tp / max(1, sum(sum(w.values()) for w in want)),
                caption_f1=float(np.mean([world.caption_score(t, s) for t, s in zip(texts, scenes)])),
                caption_exact=float(np.mean([t == world.caption(s) for t, s in zip(texts, scenes)])),
                caption_len=float(np.mean([len(c) for c in caps])), n=n)
