@@ -274,3 +274,21 @@ def test_evaluate_unified_flag(tiny_ckpt, tmp_path):
                        "--unified_steps", "2", "--out", str(tmp_path)])
     assert set(s["unified"]) >= {"und", "scene_f1", "caption_f1", "caption_exact", "caption_len"}
     assert (tmp_path / "grid_unified.png").exists()
+
+
+def test_torchrun_two_processes(tiny_ckpt, tmp_path):
+    """DDP on gloo: 2 processes split the images of a step (each keeps whole groups) and finish the run."""
+    import socket
+    import subprocess
+    import sys
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    here = os.path.dirname(os.path.abspath(__file__))
+    env = dict(os.environ, PYTHONPATH=here, OMP_NUM_THREADS="1", NANOUMM_DIST_TIMEOUT_S="120")
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}",
+                        os.path.join(here, "unified_grpo.py"), "--ckpt", tiny_ckpt, "--out", str(tmp_path / "ddp")]
+                       + ARGS[:-2] + ["--steps", "2"], env=env, cwd=here, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert [x["step"] for x in train_records(tmp_path / "ddp")] == [1, 2]
+    assert (tmp_path / "ddp" / "summary.json").exists()
