@@ -4,6 +4,9 @@ GenEval-style evaluation of a nanoUMM checkpoint on the fixed eval set (data/eva
   python evaluate.py                         # the shipped base, all 50 prompts x 12 tags, 4 images each
   python evaluate.py --n 10 --k 2            # quick
   python evaluate.py --ckpt runs/rwr/ckpt --out runs/rwr/eval
+  python evaluate.py --unified 32 --modes "" --und 0      # Unified-Bench protocol 1 only (paper 002)
+  python evaluate.py --unified 32 --clip /path/to/clip    # ... also scored under a local CLIP
+  python evaluate.py --modes irg             # IRG inference (paper 003): think1, image1, think2, image2
 
 Reports, per tag and overall:
   gen_think   fraction of images the exact verifier accepts, think mode (the model plans in
@@ -13,10 +16,17 @@ Reports, per tag and overall:
               prompts (P("yes") > 0.5), i.e. understanding on the prompts generation is scored on
   switch      rate at which the model emits <|vision_start|> by itself in think mode
 and writes summary.json and a sample grid (one row per tag) to --out.
-  python evaluate.py --modes irg             # IRG inference (irg.py): think1, image1, think2, image2
+
 With --modes irg (evaluate_irg): accuracy of image1 and of image2 per tag, the fix rate
 P(image2 right | image1 wrong), the break rate P(image2 wrong | image1 right), and a grid
 prompt | think1 | image1 | think2 | image2 (--out/irg: summary.json, grid_irg.png).
+
+Unified-Bench protocol 1 (paper 002, section 2.3; `unified_bench`, flag --unified N): N fixed
+source renders (random training-distribution scenes from a fixed seed, a stream no method trains
+on) -> the model's own greedy caption -> the model's own image from that caption -> similarity of
+source and reconstruction under each encoder (rewards.UndCosine of the BASE, so every checkpoint
+is measured by the same f; rewards.CLIPCosine with --clip) and the exact scene F1
+(rewards.scene_f1). Also the caption's exact match and F1 against the source scene.
 """
 import json
 import os
@@ -31,12 +41,13 @@ from common import parse_args, Progress
 
 defaults = dict(ckpt="data/base", eval="data/eval.jsonl", out="runs/eval", n=50, k=4, batch=96,
                 sample_steps=25, cfg=4.0, shift=3.0, temperature=0.7, max_think=64, seed=0,
-                modes="think,forced", und=True, grid_cols=8, irg_max_think=80)
+                modes="think,forced", und=True, grid_cols=8, irg_max_think=80, unified=0, unified_steps=10,
+                encoder="data/base", clip="")
 # IRG inference (--modes irg), the upstream IRG eval script's settings (design.md section 4)
 # (think2 names the problem, then the whole layout: --irg_max_think, 80 as irg.py, bounds each think)
 irg_defaults = dict(temperature=0.3, cfg_text=4.0, cfg_img=2.0, cfg_lo1=0.4)
 ranges = dict(n=">= 1", k=">= 1", batch=">= 1", sample_steps=">= 1", cfg=">= 0", shift="> 0", temperature=">= 0",
-              max_think=">= 1", grid_cols=">= 1", irg_max_think=">= 1")
+              max_think=">= 1", grid_cols=">= 1", irg_max_think=">= 1", unified=">= 0", unified_steps=">= 1")
 
 
 def gen_scores(model, ae, specs, mode, a, device):
@@ -188,12 +199,9 @@ def evaluate_irg(model, ae, specs, a, device, out_dir=None, log=print):
     jobs = [s for s in specs for _ in range(a["k"])]
     g = torch.Generator(device).manual_seed(a["seed"])
     ok1, ok2, im1, im2, th1, th2 = [], [], [], [], [], []
-    t0, last = time.time(), time.time()
+    t0, prog = time.time(), Progress("eval irg", len(jobs))
     for i in range(0, len(jobs), a["batch"]):
-        if time.time() - last > 15:
-            rate = i / (time.time() - t0)
-            print(f"  eval irg: {i}/{len(jobs)} ({rate:.1f}/s, eta {(len(jobs) - i) / rate:.0f} s)", flush=True)
-            last = time.time()
+        prog(i)
         chunk = jobs[i:i + a["batch"]]
         out = M.irg_generate(model, ae, [world.encode(s["prompt"]) for s in chunk], a, world.PALETTE, g)
         ok1 += [world.verify(s, x)["correct"] for s, x in zip(chunk, out["img1"])]
@@ -251,6 +259,108 @@ def irg_grid(rows, path):
     canvas.save(path)
 
 
+# ----------------------------------------------------------------------------- Unified-Bench (paper 002)
+
+CAPTION_Q = "give the layout of the image ."     # pre-training's caption task (pretrain.py)
+BENCH_SEED = 20251                                # the fixed bench scenes: one stream, same for every run
+
+
+def bench_scenes(n, seed=BENCH_SEED):
+    """The bench's source scenes: random training-distribution scenes from a fixed seed."""
+    rng = np.random.default_rng(seed)
+    return [world.random_scene(rng, holdout="train") for _ in range(n)]
+
+
+@torch.no_grad()
+def describe(model, ae, images, temperature=1.0, max_new=48, generator=None):
+    """Image -> text (I2T), KV-cached: `<bos> <|vision_start|> [clean x] <|vision_end|> give the
+    layout of the image .` then decode to <eos>. Returns token lists without the <eos> and
+    ended [B] bool (False: cut at max_new)."""
+    dev = next(model.parameters()).device
+    z = ae.encode(torch.as_tensor(np.asarray(images), device=dev))
+    B = len(z)
+    cache, _ = M.prefill(model, [[M.BOS, M.VS]] * B, dev)
+    M.append_image(model, cache, z)
+    logits = M.append_text(model, cache, torch.tensor([[M.VE] + world.encode(CAPTION_Q)] * B, device=dev))
+    toks, ended = M.decode_text(model, cache, logits, {M.EOS}, max_new, temperature, generator)
+    return [t[:-1] if e else t for t, e in zip(toks, ended.tolist())], ended
+
+
+@torch.no_grad()
+def redraw(model, ae, captions, steps=10, cfg=4.0, shift=3.0, generator=None, x1=None):
+    """Text -> image (T2I) reading a caption as the think plan it was pre-trained on:
+    `<bos> <think> caption </think> <|vision_start|>` (a caption is exactly world.plan_text of its
+    scene) -> flow sampling with text CFG (uncond `<bos> <|vision_start|>`). x1: the starting noise
+    (a group shares one, so its reconstructions differ only by their captions). uint8 images."""
+    dev = next(model.parameters()).device
+    cache, _ = M.prefill(model, [[M.BOS, M.THINK] + list(c) + [M.END_THINK, M.VS] for c in captions], dev)
+    uncond, _ = M.prefill(model, [[M.BOS, M.VS]] * len(captions), dev)
+    z = M.sample_image(model, cache, uncond, steps=steps, cfg=cfg, shift=shift, generator=generator, x1=x1)
+    return ae.decode(z, world.PALETTE).cpu().numpy()
+
+
+@torch.no_grad()
+def unified_bench(model, ae, n, encoders, device, steps=10, cfg=4.0, shift=3.0, seed=0, decoder=None,
+                  out_dir=None, batch=64, log=print):
+    """Unified-Bench protocol 1: source x -> own greedy caption y -> own image x_hat (`decoder`,
+    default the model itself) -> scores. encoders: {name: reward(src, rec)} (pairs convention);
+    scene F1 is always added. Returns dict(name -> mean score, caption_f1, caption_exact,
+    caption_len) and writes grid_unified.png (source | reconstruction, caption at the left)."""
+    from rewards import scene_f1
+    model.eval()
+    scenes = bench_scenes(n)
+    src = np.stack([world.draw(s) for s in scenes])
+    g = torch.Generator(device).manual_seed(seed)
+    caps, rec = [], []
+    for i in range(0, n, batch):
+        c, _ = describe(model, ae, src[i:i + batch], temperature=0.0)
+        caps += c
+        rec.append(redraw(decoder or model, ae, c, steps, cfg, shift, g))
+    rec = np.concatenate(rec)
+    texts = [world.decode(c) for c in caps]
+    res = {name: float(np.mean(f(src, rec))) for name, f in encoders.items()}
+    sf = scene_f1(src, rec)
+    # the caption's objects against the scene's, pooled over the bench: does it name fewer (recall) or wrong ones?
+    from collections import Counter
+    got = [Counter((o["shape"], o["color"], o["size"], o["pos"], o["text"]) for o in (world.parse_caption(t) or []))
+           for t in texts]
+    want = [Counter(world.caption_key(o) for o in s) for s in scenes]
+    tp = sum(sum((g_ & w).values()) for g_, w in zip(got, want))
+    res.update(scene_f1=float(sf.mean()),
+               caption_precision=tp / max(1, sum(sum(g_.values()) for g_ in got)),
+               caption_recall=tp / max(1, sum(sum(w.values()) for w in want)),
+               caption_f1=float(np.mean([world.caption_score(t, s) for t, s in zip(texts, scenes)])),
+               caption_exact=float(np.mean([t == world.caption(s) for t, s in zip(texts, scenes)])),
+               caption_len=float(np.mean([len(c) for c in caps])), n=n)
+    if out_dir:
+        os.makedirs(out_dir, exist_ok=True)
+        k = min(n, 12)
+        grid([[src[i], rec[i]] for i in range(k)], os.path.join(out_dir, "grid_unified.png"),
+             [f"{texts[i]} (scene F1 {sf[i]:.2f})" for i in range(k)], [[None, bool(sf[i] == 1)] for i in range(k)])
+    log("unified bench: " + " ".join(f"{k} {v:.3f}" for k, v in res.items() if k != "n"))
+    return res
+
+
+def curve_png(series, path, title=""):
+    """Line plots, one panel per entry of series {name: (xs, ys)}, stacked (training curves)."""
+    from PIL import Image, ImageDraw
+    W, H, pad = 420, 150, 30
+    im = Image.new("RGB", (W, H * len(series)), (255, 255, 255))
+    d = ImageDraw.Draw(im)
+    for p, (name, (xs, ys)) in enumerate(series.items()):
+        top = p * H
+        lo, hi = (min(ys), max(ys)) if ys else (0, 1)
+        hi = hi if hi > lo else lo + 1e-6
+        x_hi = max(max(xs), 1) if xs else 1
+        pts = [(pad + (W - 2 * pad) * x / x_hi, top + H - pad - (H - 2 * pad) * (y - lo) / (hi - lo)) for x, y in zip(xs, ys)]
+        d.line([pad, top + H - pad, W - pad, top + H - pad], fill=(0, 0, 0))
+        if len(pts) > 1:
+            d.line(pts, fill=(60, 110, 200), width=2)
+        d.text((pad, top + 4), f"{title} {name}: {lo:.3f} .. {hi:.3f}", fill=(0, 0, 0), font=_font())
+        d.text((W - pad - 40, top + H - pad + 4), f"step {x_hi}", fill=(0, 0, 0), font=_font())
+    im.save(path)
+
+
 def main(argv=None):
     a = parse_args(defaults, argv, __doc__, ranges=ranges)
     for m in a["modes"].split(","):
@@ -265,7 +375,18 @@ def main(argv=None):
     print(f"evaluating {a['ckpt']} (step {meta.get('step')}) on {len(specs)} prompts x {a['k']} images")
     if "irg" in a["modes"].split(","):       # the IRG sampler's own settings (not --temperature etc.)
         evaluate_irg(model, ae, specs, dict(a, **irg_defaults, max_think=a["irg_max_think"]), device, os.path.join(a["out"], "irg"))
-    return evaluate(model, ae, specs, dict(a, modes=a["modes"].replace("irg", "")), device, a["out"])
+    summary = evaluate(model, ae, specs, dict(a, modes=a["modes"].replace("irg", "")), device, a["out"])
+    if a["unified"]:
+        import rewards as R
+        base, base_ae, _ = M.load_weights(a["encoder"], device)    # f: the BASE's tower, whatever is evaluated
+        enc = dict(und=R.UndCosine(base, base_ae, device))
+        if a["clip"]:
+            enc["clip"] = R.CLIPCosine(a["clip"], device)
+        summary["unified"] = unified_bench(model, ae, a["unified"], enc, device, steps=a["unified_steps"], cfg=a["cfg"],
+                                           shift=a["shift"], seed=a["seed"], out_dir=a["out"])
+        with open(os.path.join(a["out"], "summary.json"), "w") as f:
+            json.dump(summary, f, indent=1)
+    return summary
 
 
 if __name__ == "__main__":
