@@ -125,6 +125,8 @@ def claim_run_dir(out, resume, overwrite, script):
     """A run folder that already holds a run is written into only when told: --resume continues
     it, --overwrite starts again there. Anything else raises before any work starts."""
     held = [f for f in ("config.json", "metrics.jsonl", "state.pt", "ckpt.json") if os.path.exists(os.path.join(out, f))]
+    if dist.is_initialized():
+        dist.barrier()          # every rank has looked before rank 0 writes its config: all agree
     if held and not (resume or overwrite):
         raise FileExistsError(f"{out} already holds a run ({', '.join(held)}); continue it with --resume, start "
                               f"it again with --overwrite, or pass another --out ({script})")

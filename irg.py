@@ -378,6 +378,7 @@ def main(argv=None):
             stage1 = stage_eval(raw, ae, eval_specs, ia, device, a, "stage1_irg", log)
         final = irg_eval(raw, ae, eval_specs, ia, device, a, "stage2_irg", log) if a["stage2_steps"] else None
         write_summary(a, before, base_irg, stage1, final, log)
+    model = None            # the DDP wrapper goes before the process group (see common.teardown_dist)
     teardown_dist()
 
 

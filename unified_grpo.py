@@ -261,6 +261,7 @@ def main(argv=None):
             runs.save_state(a, rank, step + 1, raw, opt, None, rng)
         if stop_after and step + 1 == stop_after:
             print(f"--stop_after {stop_after}: stopping (continue with --resume)", flush=True)
+            pol = None          # the DDP wrapper goes before the process group (see common.teardown_dist)
             teardown_dist()
             return dict(policy=raw, base=base, stopped=True)
 
@@ -281,6 +282,7 @@ def main(argv=None):
             f.write("\n" + table + "\n")
         print(table, flush=True)
         out = dict(policy=raw, base=base, after=after, bench_before=bench_before, bench_after=bench_after)
+    pol = None              # the DDP wrapper goes before the process group (see common.teardown_dist)
     teardown_dist()
     return out
 
