@@ -154,6 +154,17 @@ def finite(where, **named):
                 f"a reward model that returned nan (a broken checkpoint), fp16 overflow")
 
 
+def update(opt, loss, params, clip, where):
+    """One optimiser update: backward, clip the gradient norm, stop at once on a non-finite loss or
+    norm (before the step, so no nan reaches the weights), step. Returns the gradient norm."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    gn = torch.nn.utils.clip_grad_norm_(params, clip)
+    finite(where, loss=loss, grad_norm=gn)
+    opt.step()
+    return gn
+
+
 class _Parser(__import__("argparse").ArgumentParser):
     def error(self, message):           # a ValueError the caller (or a test) can read, not a bare exit
         raise ValueError(f"{self.prog}: {message} (see --help)")

@@ -14,3 +14,17 @@ import torch  # noqa: E402
 torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_ckpt(tmp_path_factory):
+    """A tiny random UMM checkpoint (depth 2, the world's vocabulary) for end-to-end method runs."""
+    import model as M
+    import world
+    d = tmp_path_factory.mktemp("ck")
+    torch.manual_seed(0)
+    M.save_weights(str(d / "ck"), M.MoT(M.config_for(2, len(world.VOCAB))), M.PaletteAE(w=16), dict(step=0))
+    return str(d / "ck")

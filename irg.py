@@ -84,7 +84,7 @@ import world
 import model as M
 import runs
 import evaluate
-from common import setup_dist, teardown_dist, ddp, all_sum, finite, atomic_torch_save, atomic_write, parse_args
+from common import setup_dist, teardown_dist, ddp, all_sum, update, atomic_torch_save, atomic_write, parse_args
 
 defaults = dict(
     ckpt="data/base", out="runs/irg", seed=0, resume=False, overwrite=False, report="",
@@ -355,11 +355,7 @@ def main(argv=None):
         loss_txt = (ce * b["lw"]).sum() / max(n_ce, 1) * world_size      # mean CE over the batch's CE tokens
         loss_img = ((v.view_as(x0) - (eps - x0)) ** 2).mean() if has else v.sum() * 0   # mean MSE over its noise tokens
         loss = loss_txt + loss_img
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        gn = torch.nn.utils.clip_grad_norm_(raw.parameters(), a["clip"])
-        finite(f"step {step + 1}", loss=loss, grad_norm=gn)
-        opt.step()
+        gn = update(opt, loss, raw.parameters(), a["clip"], f"step {step + 1}")   # backward, clip, finite check, step
         sched.step()
         t_train, n_train = t_train + time.time() - t_step, n_train + 1
         if (step + 1) % 25 == 0 or step == start or step + 1 in (s1, total):

@@ -44,7 +44,7 @@ import rewards as R
 import runs
 import evaluate
 from kernels.loss import velocity_loss
-from common import setup_dist, teardown_dist, ddp, all_sum, finite, atomic_torch_save, atomic_write, parse_args
+from common import setup_dist, teardown_dist, ddp, all_sum, update, finite, atomic_torch_save, atomic_write, parse_args
 
 defaults = dict(
     ckpt="data/base", prompts="data/mmgw.jsonl", out="runs/rwr", seed=0, resume=False, overwrite=False,
@@ -205,11 +205,7 @@ def main(argv=None):
         # mean_i w_i ||v - (eps - x0_i)||^2: the fused Triton kernel on CUDA, its twin elsewhere
         loss_img = velocity_loss(v.view_as(x0), eps, x0, w=wi)
         loss = loss_txt + loss_img
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        gn = torch.nn.utils.clip_grad_norm_(raw.parameters(), a["clip"])
-        finite(f"step {step + 1}", loss=loss, grad_norm=gn)
-        opt.step()
+        gn = update(opt, loss, raw.parameters(), a["clip"], f"step {step + 1}")   # backward, clip, finite check, step
         if (step + 1) % 25 == 0 or step == start or step + 1 == a["train_steps"]:
             log.log(dict(phase="train", step=step + 1, loss_txt=loss_txt.item() / world_size, loss_img=loss_img.item(),
                          gnorm=gn.item()),

@@ -52,7 +52,7 @@ import rewards as R
 import runs
 import evaluate
 from kernels.loss import velocity_loss
-from common import setup_dist, teardown_dist, ddp, finite, atomic_torch_save, parse_args
+from common import setup_dist, teardown_dist, ddp, update, finite, atomic_torch_save, parse_args
 
 defaults = dict(
     ckpt="data/base", prompts="random", n_prompts=114, out="runs/srum", seed=0, reuse="", report="",
@@ -190,11 +190,7 @@ def main(argv=None):
         w = torch.as_tensor(Rtok[idx], device=device)                      # R per token [per, 16]
         # Eq. 3 in one pass of the fused kernel: w = R (Eq. 1), lam * L_ref (Eq. 2), x0_ref = x0_gt
         loss = velocity_loss(v.view_as(x0), eps, x0, w=w, lam=lam)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        gn = torch.nn.utils.clip_grad_norm_(raw.parameters(), a["clip"])
-        finite(f"step {step + 1}", loss=loss, grad_norm=gn)
-        opt.step()
+        gn = update(opt, loss, raw.parameters(), a["clip"], f"step {step + 1}")   # backward, clip, finite check, step
         sched.step()
         if (step + 1) % 25 == 0 or step == start or step + 1 == a["train_steps"]:
             log.log(dict(phase="train", step=step + 1, loss=loss.item(), gnorm=gn.item(), lr=sched.get_last_lr()[0]),

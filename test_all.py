@@ -265,14 +265,7 @@ def test_resumed_run_matches_uninterrupted(tiny_ae, tmp_path):
 
 # ----------------------------------------------------------------------------- bad input, end to end
 
-@pytest.fixture(scope="module")
-def tiny_ckpt(tmp_path_factory):
-    import world
-    d = tmp_path_factory.mktemp("ck")
-    torch.manual_seed(0)
-    M.save_weights(str(d / "ck"), M.MoT(M.config_for(2, len(world.VOCAB))), M.PaletteAE(w=16), dict(step=0))
-    return str(d / "ck")
-
+# (tiny_ckpt: conftest.py)
 
 def test_evaluate_runs_and_writes_grid(tiny_ckpt, tmp_path):
     import evaluate

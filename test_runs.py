@@ -26,12 +26,9 @@ import world
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
-@pytest.fixture(scope="module")
-def ckpt(tmp_path_factory):
-    d = tmp_path_factory.mktemp("ck")
-    torch.manual_seed(0)
-    M.save_weights(str(d / "ck"), M.MoT(M.config_for(2, len(world.VOCAB))), M.PaletteAE(w=16), dict(step=0))
-    return str(d / "ck")
+@pytest.fixture
+def ckpt(tiny_ckpt):            # conftest.py's tiny random checkpoint
+    return tiny_ckpt
 
 
 @pytest.fixture(scope="module")
@@ -244,19 +241,19 @@ def test_killed_method_run_resumes_to_the_same_weights(ckpt, prompts, tmp_path, 
     import runs
     full, cut = tmp_path / "full", tmp_path / "cut"
     rwr.main(rwr_args(ckpt, prompts, full))
-    real = rwr.finite
+    real = common.finite                    # common.update checks every step with it
 
     def killed_at_step_3(where, **kw):      # dies after step 3's backward: step 3 is lost, step 2 is saved
         if where == "step 3":
             raise KeyboardInterrupt
         return real(where, **kw)
-    monkeypatch.setattr(rwr, "finite", killed_at_step_3)
+    monkeypatch.setattr(common, "finite", killed_at_step_3)
     with pytest.raises(KeyboardInterrupt):
         rwr.main(rwr_args(ckpt, prompts, cut))
     assert not (cut / "summary.json").exists()
     runs.report(str(tmp_path), rwr.label)                                    # lists it, does not skip it silently
     assert "unfinished runs (no summary.json; `--resume` finishes them): cut" in (tmp_path / "report.md").read_text()
-    monkeypatch.setattr(rwr, "finite", real)
+    monkeypatch.setattr(common, "finite", real)
     with pytest.raises(ValueError, match="was started with --beta 5.0"):   # a resume continues the same run
         rwr.main(rwr_args(ckpt, prompts, cut, "--resume", "--beta", "1"))
     real_finish = runs.finish

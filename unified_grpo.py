@@ -56,7 +56,7 @@ import model as M
 import rewards as R
 import runs
 import evaluate
-from common import setup_dist, teardown_dist, ddp, all_sum, finite, atomic_torch_save, parse_args
+from common import setup_dist, teardown_dist, ddp, all_sum, update, finite, atomic_torch_save, parse_args
 
 defaults = dict(
     ckpt="data/base", out="runs/grpo/s0", seed=0, resume=False, overwrite=False, report="", stop_after=0,
@@ -231,11 +231,7 @@ def main(argv=None):
             loss, st = grpo_loss(logp, logp_old, logp_ref, mask, A, a["eps"], a["beta"])
             if k == 0:
                 first = (st["ratio_min"], st["ratio_max"])                   # logged: the check that r_t = 1
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            gn = torch.nn.utils.clip_grad_norm_(trainable, a["clip"])
-            finite(f"step {step + 1} inner {k + 1}", loss=loss, grad_norm=gn)
-            opt.step()
+            gn = update(opt, loss, trainable, a["clip"], f"step {step + 1} inner {k + 1}")   # backward, clip, check, step
         # metrics over all processes
         n_all = all_sum(len(r)).item()
         mean = lambda v: all_sum(float(np.sum(v))).item() / n_all            # noqa: E731
