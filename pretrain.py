@@ -47,7 +47,7 @@ from common import setup_dist, teardown_dist, ddp, all_sum, finite, claim_run_di
 defaults = dict(
     stage="umm", out="runs/base", ae="runs/ae/ckpt", init_from="", resume=False, overwrite=False,
     depth=8, batch=128, steps=20000, lr=3e-4, warmup=300, cooldown=0.2, wd=0.0, clip=1.0,
-    ema=0.999, t_shift=1.0, cfg_drop=0.1, dtype="bf16", workers=2, seed=0, row_len=160, compile=False,
+    ema=0.999, t_shift=1.0, cfg_drop=0.1, dtype="bf16", workers=2, seed=0, row_len=160, compile=False, mix="",
     log_every=50, ckpt_every=1000, eval_every=0, eval_n=8, minutes=0.0, max_minutes=0.0, stop_after=0, dump_grads="",
     ae_init="", ae_steps=3000, ae_minutes=0.0, ae_batch=32, ae_width=16, ae_lr=2e-3, ae_noise=0.2,
 )
@@ -57,6 +57,28 @@ ranges = dict(depth=">= 1", batch=">= 1", steps=">= 1", lr="> 0", warmup=">= 1",
               eval_every=">= 0", eval_n=">= 1", minutes=">= 0", max_minutes=">= 0", stop_after=">= 0", ae_steps=">= 1",
               ae_minutes=">= 0", ae_batch=">= 1", ae_width=">= 8", ae_lr="> 0", ae_noise=">= 0")
 MIX = dict(t2i=0.24, think=0.2, caption=0.1, vqa=0.16, judge=0.07, region=0.07, reflect=0.1, fact=0.06)
+
+
+def parse_mix(text):
+    """--mix "vqa=0.3,judge=0.1": task weights that replace MIX's (unnamed tasks keep theirs; 0 drops
+    a task); "" = MIX. Checked before any work (main calls it)."""
+    mix = dict(MIX)
+    for part in [s for s in text.split(",") if s.strip()]:
+        k, _, v = part.partition("=")
+        k = k.strip()
+        if k not in MIX:
+            raise ValueError(f"--mix {text!r}: unknown task {k!r}; tasks are {list(MIX)}")
+        try:
+            mix[k] = float(v)
+        except ValueError:
+            raise ValueError(f"--mix {text!r}: {k}={v!r} is not a number") from None
+        if mix[k] < 0:
+            raise ValueError(f"--mix {text!r}: {k} must be >= 0")
+    if sum(mix.values()) <= 0:
+        raise ValueError(f"--mix {text!r}: every task weight is 0")
+    return mix
+
+
 IMAGE_TAGS = [t for t in world.TAGS if t not in ("knowledge", "counting_hard")]
 
 
@@ -115,7 +137,7 @@ def make_sample(task, rng, banned):
     raise ValueError(task)
 
 
-def make_batch(seed, step, lo, hi, banned, cfg_drop, t_shift, C, row_len=None):
+def make_batch(seed, step, lo, hi, banned, cfg_drop, t_shift, C, row_len=None, mix=None):
     """Samples lo..hi of the global batch of `step`, packed (on a CPU worker) into rows of
     row_len tokens holding many samples each (None: one sample per row). Each sample has
     its own RNG seeded by (seed, step, index), so the global batch is the same for any number
@@ -123,7 +145,8 @@ def make_batch(seed, step, lo, hi, banned, cfg_drop, t_shift, C, row_len=None):
     Images stay uint8 (encoded on the device); per noise image this draws
         t = shift(sigmoid(randn)),  t -> s*t / (1 + (s-1)*t)     and   eps ~ N(0, I)
     CFG dropout: with prob cfg_drop a t2i sample keeps only <bos> <|vision_start|>."""
-    tasks, probs = list(MIX), np.array(list(MIX.values()))
+    mix = mix or MIX
+    tasks, probs = list(mix), np.array(list(mix.values()))
     samples, images, eps, noise_slots, names = [], [], [], [], []
     for i in range(lo, hi):
         rng = np.random.default_rng([seed, step, i])
@@ -174,7 +197,7 @@ class Stream(torch.utils.data.IterableDataset):
         step = self.start + k
         while True:
             yield make_batch(self.a["seed"], step, self.lo, self.hi, banned, self.a["cfg_drop"], self.a["t_shift"], self.C,
-                             self.a["row_len"] or None)
+                             self.a["row_len"] or None, parse_mix(self.a["mix"]))
             step += n
 
 
@@ -285,6 +308,7 @@ def train_ae(a, device, log):
 
 def main(argv=None):
     a = parse_args(defaults, argv, __doc__, choices, ranges)
+    parse_mix(a["mix"])
     rank, world_size, local, device = setup_dist()
     if a["batch"] % world_size:
         raise ValueError(f"--batch {a['batch']} must be divisible by the number of processes ({world_size})")

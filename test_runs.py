@@ -165,6 +165,7 @@ def test_reuse_refuses_other_settings(ckpt, prompts, tmp_path_factory, flag, val
     ("srum", ["--binary", "maybe"], "expected 1/0/true/false/yes/no, got 'maybe'"),
     ("pretrain", ["--steps", "0"], "--steps 0: must be >= 1"),
     ("pretrain", ["--dtype", "fp16"], "--dtype 'fp16': use one of"),
+    ("pretrain", ["--mix", "vqa=0.3,foo=1"], "unknown task 'foo'"),
     ("evaluate", ["--sample_steps", "0"], "--sample_steps 0: must be >= 1"),
 ])
 def test_bad_flags_fail_before_any_model_work(script, flags, msg, tmp_path):
