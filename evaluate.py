@@ -7,6 +7,7 @@ GenEval-style evaluation of a nanoUMM checkpoint on the fixed eval set (data/eva
   python evaluate.py --unified 32 --modes "" --und 0      # Unified-Bench protocol 1 only (paper 002)
   python evaluate.py --unified 32 --clip /path/to/clip    # ... also scored under a local CLIP
   python evaluate.py --modes irg             # IRG inference (paper 003): think1, image1, think2, image2
+  python evaluate.py --auroc 20 --modes "" --und 0    # does the model's understanding judge its own images?
 
 Reports, per tag and overall:
   gen_think   fraction of images the exact verifier accepts, think mode (the model plans in
@@ -42,12 +43,13 @@ from common import parse_args, Progress
 defaults = dict(ckpt="data/base", eval="data/eval.jsonl", out="runs/eval", n=50, k=4, batch=96,
                 sample_steps=25, cfg=4.0, shift=3.0, temperature=0.7, max_think=64, seed=0,
                 modes="think,forced", und=True, grid_cols=8, irg_max_think=80, unified=0, unified_steps=10,
-                encoder="data/base", clip="")
+                encoder="data/base", clip="", auroc=0)
 # IRG inference (--modes irg), the upstream IRG eval script's settings (design.md section 4)
 # (think2 names the problem, then the whole layout: --irg_max_think, 80 as irg.py, bounds each think)
 irg_defaults = dict(temperature=0.3, cfg_text=4.0, cfg_img=2.0, cfg_lo1=0.4)
 ranges = dict(n=">= 1", k=">= 1", batch=">= 1", sample_steps=">= 1", cfg=">= 0", shift="> 0", temperature=">= 0",
-              max_think=">= 1", grid_cols=">= 1", irg_max_think=">= 1", unified=">= 0", unified_steps=">= 1")
+              max_think=">= 1", grid_cols=">= 1", irg_max_think=">= 1", unified=">= 0", unified_steps=">= 1",
+              auroc=">= 0")
 
 
 def gen_scores(model, ae, specs, mode, a, device):
@@ -361,6 +363,45 @@ def curve_png(series, path, title=""):
     im.save(path)
 
 
+# ----------------------------------------------------------------------------- self-judgment (issue 12)
+
+def auroc(scores, labels):
+    """Area under the ROC curve: the probability that a random positive scores above a random
+    negative (ties count one half), by ranks (Mann-Whitney). None when one class is empty."""
+    s, y = np.asarray(scores, np.float64), np.asarray(labels, bool)
+    n1, n0 = int(y.sum()), int((~y).sum())
+    if not n1 or not n0:
+        return None
+    order = np.argsort(s, kind="mergesort")
+    ranks = np.empty(len(s))
+    ranks[order] = np.arange(1, len(s) + 1)
+    for v in np.unique(s):                       # ties share their mean rank
+        m = s == v
+        ranks[m] = ranks[m].mean()
+    return float((ranks[y].sum() - n1 * (n1 + 1) / 2) / (n1 * n0))
+
+
+@torch.no_grad()
+def self_judgment(model, ae, n, a, device, seed=4321):
+    """How well the model's own understanding separates its correct from its wrong generations
+    (SRUM's premise; issue 12, must-show 2). A fresh prompt set (n per tag, drawn with another
+    seed than data/eval.jsonl), one think-mode image each with evaluate.py's sampler, labelled by
+    the exact verifier; then the AUROC of the self VQAScore (P(yes)) and of the self-judge's
+    global score g (rewards.SelfJudge, the paper's prompt) against those labels."""
+    import rewards as R
+    rng = np.random.default_rng(seed)
+    specs = [world.sample_spec(t, rng, holdout="any") for t in world.TAGS for _ in range(n)]
+    correct, _, imgs, _ = gen_scores(model, ae, specs, "think", dict(a, k=1), device)
+    vqa = R.SelfVQA(model, ae, device)(specs, imgs)
+    g, _ = R.SelfJudge(model, ae, device, k=0).judge(specs, imgs)
+    res = dict(n=len(specs), correct_rate=float(np.mean(correct)), auroc_vqa=auroc(vqa, correct),
+               auroc_judge=auroc(g, correct))
+    fmt = lambda x: "n/a" if x is None else f"{x:.3f}"  # noqa: E731
+    print(f"self-judgment on {len(specs)} fresh think-mode images ({res['correct_rate']:.3f} correct): "
+          f"AUROC self VQAScore {fmt(res['auroc_vqa'])}, self-judge global score {fmt(res['auroc_judge'])}")
+    return res
+
+
 def main(argv=None):
     a = parse_args(defaults, argv, __doc__, ranges=ranges)
     for m in a["modes"].split(","):
@@ -384,6 +425,9 @@ def main(argv=None):
             enc["clip"] = R.CLIPCosine(a["clip"], device)
         summary["unified"] = unified_bench(model, ae, a["unified"], enc, device, steps=a["unified_steps"], cfg=a["cfg"],
                                            shift=a["shift"], seed=a["seed"], out_dir=a["out"])
+    if a["auroc"]:
+        summary["self_judgment"] = self_judgment(model, ae, a["auroc"], a, device)
+    if a["unified"] or a["auroc"]:
         with open(os.path.join(a["out"], "summary.json"), "w") as f:
             json.dump(summary, f, indent=1)
     return summary

@@ -386,3 +386,20 @@ def test_srum_end_to_end_reuse_ablations_and_report(tiny_ckpt, tmp_path):
         srum.main(args + ["--out", str(tmp_path / "bad"), "--reward_map", "eq1"])
     with pytest.raises(ValueError, match="--N 2.*--N 3"):
         srum.main(args[:6] + ["--N", "3"] + args[8:] + ["--out", str(tmp_path / "x"), "--reuse", str(out)])
+
+
+def test_auroc_matches_pairwise_count_and_self_judgment_runs(tiny_ckpt, tmp_path):
+    """AUROC by ranks equals the pairwise definition (ties count 1/2); evaluate.py --auroc reports
+    the self VQAScore's and the self-judge's separation of correct from wrong own generations."""
+    import evaluate
+    rng = np.random.default_rng(0)
+    s, y = rng.integers(0, 5, 40).astype(float), rng.random(40) < 0.4     # many ties
+    pairs = [(a > b) + 0.5 * (a == b) for a, ya in zip(s, y) for b, yb in zip(s, y) if ya and not yb]
+    assert evaluate.auroc(s, y) == pytest.approx(np.mean(pairs))
+    assert evaluate.auroc(s, np.ones(40, bool)) is None and evaluate.auroc([1, 2], [False, True]) == 1.0
+    out = evaluate.main(["--ckpt", tiny_ckpt, "--modes", "", "--und", "0", "--auroc", "1", "--sample_steps", "2",
+                         "--max_think", "4", "--out", str(tmp_path)])["self_judgment"]
+    assert out["n"] == 12 and 0 <= out["correct_rate"] <= 1
+    for k in ("auroc_vqa", "auroc_judge"):
+        assert out[k] is None or 0 <= out[k] <= 1
+    assert "self_judgment" in json.load(open(tmp_path / "summary.json"))
