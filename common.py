@@ -9,8 +9,11 @@ import torch
 import torch.distributed as dist
 
 
-def setup_dist():
-    """DDP is detected from torchrun's env. Returns (rank, world, local_rank, device)."""
+def setup_dist(cpu_threads=None):
+    """DDP is detected from torchrun's env. Returns (rank, world, local_rank, device).
+    cpu_threads: on the CPU, the intra-op threads unless OMP_NUM_THREADS says otherwise (irg.py and
+    unified_grpo.py ask for 1: on the busy 2-core machine a unified_grpo step ran 10-20x and an irg
+    sampler forward 23x slower with two threads, the threads spinning on occupied cores)."""
     if "RANK" in os.environ and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         # a rank that waits longer than this in a collective raises instead of hanging (tests set it low)
@@ -24,6 +27,8 @@ def setup_dist():
         device = f"cuda:{local}"
     else:
         device = "cpu"
+        if cpu_threads and "OMP_NUM_THREADS" not in os.environ:
+            torch.set_num_threads(cpu_threads)
     return rank, world, local, device
 
 
@@ -77,17 +82,18 @@ class Logger:
     (before, rollouts, ...) are printed only, and resume_at(step) drops the records of steps
     after the checkpoint it continues from (they are replayed)."""
 
-    def __init__(self, run_dir, rank=0):
+    def __init__(self, run_dir, rank=0, resume=False):
+        """resume: the run continues, its log with it (the phases it holds are not written again);
+        else a log already there belongs to a run being replaced (claim_run_dir allowed it) and goes."""
         self.rank, self.path = rank, os.path.join(run_dir, "metrics.jsonl")
         self.t0 = time.time()
         self.seen = set()
         if rank == 0:
             os.makedirs(run_dir, exist_ok=True)
-
-    def resume(self):
-        """Called when a run continues: remember the phases already logged."""
-        if self.rank == 0 and os.path.exists(self.path):
-            self.seen = {json.loads(l).get("phase") for l in open(self.path) if l.strip()} - {None, "train"}
+            if resume and os.path.exists(self.path):
+                self.seen = {json.loads(l).get("phase") for l in open(self.path) if l.strip()} - {None, "train"}
+            elif not resume and os.path.exists(self.path):
+                os.remove(self.path)
 
     def resume_at(self, step):
         """Keep the records of the first `step` steps (records' "step" counts steps done)."""

@@ -52,23 +52,32 @@ ranges = dict(n=">= 1", k=">= 1", batch=">= 1", sample_steps=">= 1", cfg=">= 0",
               auroc=">= 0")
 
 
+@torch.no_grad()
+def sample(model, ae, specs, n, mode, a, gen, batch, what):
+    """n generations per spec in `mode` (think / forced; temperature, max_think, sample_steps, cfg,
+    shift from a), `batch` at a time, with progress: dict of lists (spec, think tokens, switched,
+    image). What the evals score and what the methods train on (runs.start, rwr's mining)."""
+    jobs = [s for s in specs for _ in range(n)]
+    out = dict(spec=[], think=[], switched=[], image=[])
+    prog = Progress(what, len(jobs))           # long phases are not silent: progress with an ETA
+    for i in range(0, len(jobs), batch):
+        prog(i)
+        chunk = jobs[i:i + batch]
+        g = M.generate(model, [world.encode(s["prompt"]) for s in chunk], mode=mode, max_think=a["max_think"],
+                       temperature=a["temperature"], generator=gen, steps=a["sample_steps"], cfg=a["cfg"], shift=a["shift"])
+        out["spec"] += chunk
+        out["think"] += g["think"]
+        out["switched"] += g["switched"].tolist()
+        out["image"] += list(ae.decode(g["z"], world.PALETTE).cpu().numpy())
+    return out
+
+
 def gen_scores(model, ae, specs, mode, a, device):
     """Generate k images per spec; returns (correct [len(specs)*k] bool, switched, images, think texts)."""
-    jobs = [s for s in specs for _ in range(a["k"])]
     g = torch.Generator(device).manual_seed(a["seed"])
-    correct, switched, imgs, thinks = [], [], [], []
-    prog = Progress(f"eval {mode} images", len(jobs))   # long evals are not silent: progress with an ETA
-    for i in range(0, len(jobs), a["batch"]):
-        prog(i)
-        chunk = jobs[i:i + a["batch"]]
-        out = M.generate(model, [world.encode(s["prompt"]) for s in chunk], mode=mode, max_think=a["max_think"],
-                         temperature=a["temperature"], generator=g, steps=a["sample_steps"], cfg=a["cfg"], shift=a["shift"])
-        im = ae.decode(out["z"], world.PALETTE).cpu().numpy()
-        correct += [world.verify(s, x)["correct"] for s, x in zip(chunk, im)]
-        switched += out["switched"].tolist()
-        imgs += list(im)
-        thinks += [world.decode(t) for t in out["think"]]
-    return np.array(correct), np.array(switched), imgs, thinks
+    out = sample(model, ae, specs, a["k"], mode, a, g, a["batch"], f"eval {mode} images")
+    correct = [world.verify(s, x)["correct"] for s, x in zip(out["spec"], out["image"])]
+    return np.array(correct), np.array(out["switched"]), out["image"], [world.decode(t) for t in out["think"]]
 
 
 def und_scores(model, ae, specs, a, device):

@@ -84,7 +84,7 @@ import world
 import model as M
 import runs
 import evaluate
-from common import setup_dist, teardown_dist, ddp, all_sum, update, atomic_torch_save, atomic_write, parse_args
+from common import setup_dist, teardown_dist, ddp, all_sum, update, atomic_torch_save, atomic_write, parse_args, Progress
 
 defaults = dict(
     ckpt="data/base", out="runs/irg", seed=0, resume=False, overwrite=False, report="",
@@ -209,7 +209,7 @@ def build_irgl(model, ae, specs, a, device, log):
     # self: image1 drawn by the model itself (IRG's steps 1-2), judged by the verifier
     jobs = [s for s in specs for _ in range(a["N"])]
     gen = torch.Generator(device).manual_seed(1000 + a["seed"])
-    prog = runs.Progress("self-drawn image1", len(jobs), log=print)
+    prog = Progress("self-drawn image1", len(jobs), log=print)
     for i in range(0, len(jobs), a["gen_batch"]):
         chunk = jobs[i:i + a["gen_batch"]]
         _, t1, sw1, _, img1, _ = draw_first(model, ae, [enc(s["prompt"]) for s in chunk], sampler(a), world.PALETTE, gen)
@@ -268,11 +268,7 @@ def main(argv=None):
     a = parse_args(defaults, argv, __doc__, choices, ranges)
     if a["report"]:
         return report(a["report"])
-    rank, world_size, local, device = setup_dist()
-    if device == "cpu" and "OMP_NUM_THREADS" not in os.environ:
-        # one thread per process unless told otherwise: on the shared 2-core machine a forward of the
-        # sampler took 0.12 s with 1 thread and 2.8 s with 2 (threads spinning on busy cores)
-        torch.set_num_threads(1)
+    rank, world_size, local, device = setup_dist(cpu_threads=1)     # one thread per process (common.setup_dist)
     if a["batch"] % world_size:
         raise ValueError(f"--batch {a['batch']} must be divisible by the number of processes ({world_size})")
     if a["stage1_steps"] + a["stage2_steps"] == 0:

@@ -757,9 +757,7 @@ def generate(model, prompts, mode="think", max_think=64, temperature=1.0, genera
     if mode == "think":
         cache, logits = prefill(model, [[BOS] + list(p) + [THINK] for p in prompts], dev)
         toks, _ = decode_text(model, cache, logits, {VS, EOS}, max_think, temperature, generator)
-        switched = torch.tensor([len(t) > 0 and t[-1] == VS for t in toks], device=dev)
-        if not switched.all():
-            append_text(model, cache, torch.full((B, 1), VS, device=dev), live=~switched)
+        switched = force_switch(model, cache, toks)
     elif mode == "forced":
         cache, _ = prefill(model, [[BOS] + list(p) + [VS] for p in prompts], dev)
         toks, switched = [[] for _ in prompts], torch.zeros(B, dtype=torch.bool, device=dev)
@@ -808,14 +806,11 @@ def force_switch(model, cache, toks):
 def draw_first(model, ae, prompts, s, palette, generator=None):
     """Steps 1-3: think1, image1 (text CFG, interval [cfg_lo1, 1]), image1 decoded and re-entered clean.
     Returns (cache through image1, think1 tokens, switched, image1 latents z1, image1 pixels, re-entered latents)."""
-    dev = next(model.parameters()).device
-    B = len(prompts)
-    cache, logits = prefill(model, [[BOS] + list(p) + [THINK] for p in prompts], dev)
-    t1, _ = decode_text(model, cache, logits, {VS, EOS}, s["max_think"], s["temperature"], generator)
-    sw1 = force_switch(model, cache, t1)
-    unc, _ = prefill(model, [[BOS, VS]] * B, dev)          # the "system prompt only" context
-    z1 = sample_image(model, cache, unc, steps=s["sample_steps"], cfg=s["cfg_text"], cfg_interval=(s["cfg_lo1"], 1.0),
-                        shift=s["shift"], generator=generator)
+    # think mode as `generate` runs it; its unconditional context <bos> <|vision_start|> is the
+    # "system prompt only" of the upstream script
+    g = generate(model, prompts, "think", s["max_think"], s["temperature"], generator, steps=s["sample_steps"],
+                 cfg=s["cfg_text"], cfg_interval=(s["cfg_lo1"], 1.0), shift=s["shift"])
+    cache, t1, sw1, z1 = g["cache"], g["think"], g["switched"], g["z"]
     img1 = ae.decode(z1, palette)
     zc = ae.encode(img1)                                          # re-entered as the AE reads it, not the raw latent
     append_image(model, cache, zc)

@@ -193,11 +193,11 @@ class Stream(torch.utils.data.IterableDataset):
     def __iter__(self):
         wi = torch.utils.data.get_worker_info()
         k, n = (wi.id, wi.num_workers) if wi else (0, 1)
-        banned = world.eval_prompts()
+        banned, mix = world.eval_prompts(), parse_mix(self.a["mix"])
         step = self.start + k
         while True:
             yield make_batch(self.a["seed"], step, self.lo, self.hi, banned, self.a["cfg_drop"], self.a["t_shift"], self.C,
-                             self.a["row_len"] or None, parse_mix(self.a["mix"]))
+                             self.a["row_len"] or None, mix)
             step += n
 
 
@@ -314,10 +314,7 @@ def main(argv=None):
         raise ValueError(f"--batch {a['batch']} must be divisible by the number of processes ({world_size})")
     # a folder that holds a run is continued (--resume) or replaced (--overwrite), never silently
     claim_run_dir(a["out"], a["resume"], a["overwrite"], "pretrain.py")
-    log = Logger(a["out"], rank)
-    if rank == 0 and a["overwrite"] and not a["resume"] and os.path.exists(log.path):
-        os.remove(log.path)
-    os.makedirs(a["out"], exist_ok=True)
+    log = Logger(a["out"], rank, resume=a["resume"])
     # SIGTERM (a scheduler's or a user's `kill`, forwarded to every rank by torchrun) ends the run
     # after the step in flight, with a checkpoint: continue it with --resume
     term = []

@@ -8,7 +8,7 @@ around them:
                     writes config.json, returns the metrics log (resumed: replayed records dropped)
   start             what every run does before its method's own steps: the saved rollouts of --reuse DIR
                     or --resume (saved_rollouts: checked to match this run on every setting that made
-                    them), the before-eval (begin), and else fresh rollouts (rollouts: batched,
+                    them), the before-eval (begin), and else fresh rollouts (evaluate.sample: batched,
                     KV-cached think-mode generations, with progress and an ETA)
   finish            the post-trained checkpoint, the same eval after, summary.json/md
   save_state / load_state   mid-training checkpoints (weights, optimiser, schedule, RNG) for --resume
@@ -25,7 +25,7 @@ import torch
 import world
 import model as M
 import evaluate
-from common import all_sum, atomic_torch_save, atomic_write, claim_run_dir, Logger, Progress
+from common import all_sum, atomic_torch_save, atomic_write, claim_run_dir, Logger
 
 # the settings that make a method's rollouts and its before-eval: a reused or resumed run must
 # match them all, else its before/after and its training data would come from different settings
@@ -61,15 +61,9 @@ def open_run(a, rank, script):
                              ", ".join(f"--{k} {old.get(k)}" for k in diff) + "; this call has " +
                              ", ".join(f"--{k} {a[k]}" for k in diff) + ": pass the same values (or drop them)")
     claim_run_dir(out, a.get("resume"), a.get("overwrite"), script)
-    log = Logger(out, rank)
-    if a.get("resume"):
-        log.resume()
-    if rank == 0:
-        os.makedirs(out, exist_ok=True)
-        if not a.get("resume"):
-            if os.path.exists(log.path):
-                os.remove(log.path)         # --overwrite: a new run does not append to the old log
-            atomic_write(cfg_path, json.dumps(a, indent=1))
+    log = Logger(out, rank, resume=a.get("resume"))      # --overwrite: a new run does not append to the old log
+    if rank == 0 and not a.get("resume"):
+        atomic_write(cfg_path, json.dumps(a, indent=1))
     return log
 
 
@@ -90,26 +84,6 @@ def saved_rollouts(path, a, keys, script):
     return saved
 
 
-@torch.no_grad()
-def rollouts(model, ae, specs, n, a, device, gen, what="rollouts"):
-    """n think-mode generations per spec (temperature, max_think, sample_steps, cfg, shift from a):
-    dict of lists (spec, think tokens, switched, image)."""
-    jobs = [s for s in specs for _ in range(n)]
-    out = dict(spec=[], think=[], switched=[], image=[])
-    prog = Progress(what, len(jobs))
-    for i in range(0, len(jobs), a["gen_batch"]):
-        chunk = jobs[i:i + a["gen_batch"]]
-        g = M.generate(model, [world.encode(s["prompt"]) for s in chunk], mode="think", max_think=a["max_think"],
-                       temperature=a["temperature"], generator=gen, steps=a["sample_steps"], cfg=a["cfg"],
-                       shift=a["shift"])
-        out["spec"] += chunk
-        out["think"] += g["think"]
-        out["switched"] += g["switched"].tolist()
-        out["image"] += list(ae.decode(g["z"], world.PALETTE).cpu().numpy())
-        prog(len(out["spec"]))
-    return out
-
-
 def rollout_file(d, rank, what):
     return os.path.join(d, f"{what}.rank{rank}.pt")
 
@@ -128,7 +102,7 @@ def start(model, ae, specs, a, rank, world_size, log, device, what, script):
         return saved, eval_specs, ea, before, saved["ro"], saved["rollouts_per_s"]
     t0 = time.time()
     gen = torch.Generator(device).manual_seed(1000 + a["seed"] * world_size + rank)
-    ro = rollouts(model, ae, specs[rank::world_size], a["N"], a, device, gen, what=what)
+    ro = evaluate.sample(model, ae, specs[rank::world_size], a["N"], "think", a, gen, a["gen_batch"], what)
     return None, eval_specs, ea, before, ro, all_sum(len(ro["spec"])).item() / (time.time() - t0)
 
 

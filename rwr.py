@@ -75,7 +75,7 @@ def mine(model, ae, a, device):
     gen = torch.Generator(device).manual_seed(a["seed"])
     # "fails about half the time" as the model is judged: evaluate.py's sampler (CFG, temperature)
     judged = dict(a, cfg=evaluate.defaults["cfg"], temperature=evaluate.defaults["temperature"])
-    ro = runs.rollouts(model, ae, cands, a["K"], judged, device, gen, what="mining")
+    ro = evaluate.sample(model, ae, cands, a["K"], "think", judged, gen, a["gen_batch"], "mining")
     ok = R.oracle_binary(ro["spec"], ro["image"]).reshape(len(cands), a["K"]).mean(1)
     keep = [dict(s, base_success=float(p)) for s, p in zip(cands, ok) if a["keep_lo"] <= p <= a["keep_hi"]]
     tags = sorted({s["tag"] for s in keep})

@@ -144,12 +144,8 @@ def main(argv=None):
     a = parse_args(defaults, argv, __doc__, choices, ranges)
     if a["report"]:
         return report(a["report"])
-    rank, world_size, local, device = setup_dist()
+    rank, world_size, local, device = setup_dist(cpu_threads=1)     # one thread per process (common.setup_dist)
     check(a, world_size)
-    if device == "cpu" and "OMP_NUM_THREADS" not in os.environ:
-        # the model is small and its ops are many: on the shared 2-core machine one thread per process
-        # ran a step 10-20x faster than two under load (torchrun sets OMP_NUM_THREADS=1 itself)
-        torch.set_num_threads(1)
     torch.manual_seed(a["seed"] + rank)
     policy, ae, meta = runs.load_umm(a["ckpt"], device)
     # the frozen copy of the base, made before anything trains: pi_ref of the KL term, the decoder
