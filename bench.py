@@ -507,7 +507,7 @@ def bench_step(args):
         ae = M.PaletteAE(w=16).to(dev)
     mot.train()
     plain = Plain(cfg).to(dev)
-    banned = P.eval_prompts()
+    banned = world.eval_prompts()
 
     def batch(step, row_len):
         b = P.make_batch(args.seed, step, 0, args.batch, banned, 0.1, 1.0, cfg.latent_ch, row_len)
@@ -530,13 +530,20 @@ def bench_step(args):
         model.zero_grad(set_to_none=True)
         step_loss(model, b).backward()
     times = {name: [] for name, _, _ in variants}
-    t_compile = {}
+    t_compile, failed = {}, {}
     for j in range(len(steps)):
-        for name, model, key in variants:
+        for name, model, key in list(variants):
             b = data[key][j]
             sync()
             t0 = time.perf_counter()
-            one(model, b)
+            try:
+                one(model, b)
+            except Exception as e:      # a compiler failure costs its row, not the other rows' numbers
+                if "compile" not in name:
+                    raise
+                failed[name] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+                variants.remove((name, model, key)); times.pop(name)
+                continue
             sync()
             dt = time.perf_counter() - t0
             if j >= n_warm:
@@ -560,6 +567,8 @@ def bench_step(args):
         frac = n_real / sum(b["sample"].numel() for b in bb)
         shapes = sorted({tuple(b["sample"].shape) for b in bb})
         print(f"{key}: real-token fraction {frac:.3f} (B x L: {', '.join(f'{s[0]}x{s[1]}' for s in shapes)})")
+    for name, err in failed.items():
+        print(f"{name}: FAILED ({err}); the row is left out")
     if t_compile:
         print("compile + warm-up (first %d batches): " % n_warm +
               ", ".join(f"{k} {v:.0f} s" for k, v in t_compile.items()))

@@ -8,6 +8,7 @@ GenEval-style evaluation of a nanoUMM checkpoint on the fixed eval set (data/eva
   python evaluate.py --unified 32 --clip /path/to/clip    # ... also scored under a local CLIP
   python evaluate.py --modes irg             # IRG inference (paper 003): think1, image1, think2, image2
   python evaluate.py --auroc 20 --modes "" --und 0    # does the model's understanding judge its own images?
+  python evaluate.py --captions 400 --modes "" --und 0 # greedy captions of fresh renders: exact and F1
 
 Reports, per tag and overall:
   gen_think   fraction of images the exact verifier accepts, think mode (the model plans in
@@ -43,13 +44,13 @@ from common import parse_args, Progress
 defaults = dict(ckpt="data/base", eval="data/eval.jsonl", out="runs/eval", n=50, k=4, batch=96,
                 sample_steps=25, cfg=4.0, shift=3.0, temperature=0.7, max_think=64, seed=0,
                 modes="think,forced", und=True, grid_cols=8, irg_max_think=80, unified=0, unified_steps=10,
-                encoder="data/base", clip="", auroc=0)
+                encoder="data/base", clip="", auroc=0, captions=0)
 # IRG inference (--modes irg), the upstream IRG eval script's settings (design.md section 4)
 # (think2 names the problem, then the whole layout: --irg_max_think, 80 as irg.py, bounds each think)
 irg_defaults = dict(temperature=0.3, cfg_text=4.0, cfg_img=2.0, cfg_lo1=0.4)
 ranges = dict(n=">= 1", k=">= 1", batch=">= 1", sample_steps=">= 1", cfg=">= 0", shift="> 0", temperature=">= 0",
               max_think=">= 1", grid_cols=">= 1", irg_max_think=">= 1", unified=">= 0", unified_steps=">= 1",
-              auroc=">= 0")
+              auroc=">= 0", captions=">= 0")
 
 
 @torch.no_grad()
@@ -352,6 +353,33 @@ def unified_bench(model, ae, n, encoders, device, steps=10, cfg=4.0, shift=3.0, 
     return res
 
 
+CAPTION_SEED = 8675309                            # --captions: fresh scenes, another stream than the bench's
+
+
+@torch.no_grad()
+def caption_eval(model, ae, n, device, seed=CAPTION_SEED, batch=128, log=print):
+    """Greedy captions of n fresh renders of random scenes (1-4 objects, 1 in 8 holding a number;
+    pre-training's caption distribution, never these draws) against world.caption of the scene:
+    exact match and object F1, overall, by object count, and for scenes that hold a number."""
+    model.eval()
+    rng = np.random.default_rng(seed)
+    scenes = [world.random_scene(rng, holdout="train") for _ in range(n)]
+    src = np.stack([world.draw(s) for s in scenes])
+    texts = []
+    for i in range(0, n, batch):
+        texts += [world.decode(c) for c in describe(model, ae, src[i:i + batch], temperature=0.0)[0]]
+    exact = np.array([t == world.caption(s) for t, s in zip(texts, scenes)])
+    f1 = np.array([world.caption_score(t, s) for t, s in zip(texts, scenes)])
+    groups = {f"{k} object{'s' * (k > 1)}": np.array([len(s) == k for s in scenes]) for k in range(1, 5)}
+    groups["with a number"] = np.array([any(o["shape"] == "number" for o in s) for s in scenes])
+    res = dict(n=n, exact=float(exact.mean()), f1=float(f1.mean()),
+               groups={g: dict(n=int(m.sum()), exact=float(exact[m].mean()) if m.any() else None,
+                               f1=float(f1[m].mean()) if m.any() else None) for g, m in groups.items()})
+    log(f"captions of {n} fresh renders: exact {res['exact']:.3f}, object F1 {res['f1']:.3f}; " +
+        ", ".join(f"{g} (n {v['n']}) exact {v['exact']:.2f}" for g, v in res["groups"].items() if v["n"]))
+    return res
+
+
 def curve_png(series, path, title=""):
     """Line plots, one panel per entry of series {name: (xs, ys)}, stacked (training curves)."""
     from PIL import Image, ImageDraw
@@ -436,7 +464,9 @@ def main(argv=None):
                                            shift=a["shift"], seed=a["seed"], out_dir=a["out"])
     if a["auroc"]:
         summary["self_judgment"] = self_judgment(model, ae, a["auroc"], a, device)
-    if a["unified"] or a["auroc"]:
+    if a["captions"]:
+        summary["captions"] = caption_eval(model, ae, a["captions"], device)
+    if a["unified"] or a["auroc"] or a["captions"]:
         with open(os.path.join(a["out"], "summary.json"), "w") as f:
             json.dump(summary, f, indent=1)
     return summary

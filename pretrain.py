@@ -24,9 +24,15 @@ Task mixture (design section 3). Each sample is a list of segments for model.pac
   region    ... [clean] ... region judge prompt  score : s_i <eos>      (SRUM table 8 format)
   reflect   <bos> prompt <think> plan </think> <vs> [clean flawed] <ve> <think> fix </think> <vs> [noise fixed]
   fact      <bos> a tomato is a red circle . <eos>                      (text only: knowledge)
+--own_n N: before training, the starting model draws N think-mode images of training prompts
+(evaluate.py's sampler; saved as OUT/own.npz, reused on --resume); then a share --own_frac of
+the vqa / judge / region samples reads one of these instead of a render or a negative, with the
+answer the exact verifier gives on it. The judge learns on the kind of image it will judge: the
+model's own samples (issue 12), not only clean renders.
 Images of knowledge prompts and of counts 5-6 never appear (held out to test transfer), nor
 do held-out (colour, shape) pairs or (shape, relation, shape) triples, nor eval prompts.
 """
+import json
 import math
 import os
 import signal
@@ -49,14 +55,42 @@ defaults = dict(
     depth=8, batch=128, steps=20000, lr=3e-4, warmup=300, cooldown=0.2, wd=0.0, clip=1.0,
     ema=0.999, t_shift=1.0, cfg_drop=0.1, dtype="bf16", workers=2, seed=0, row_len=160, compile=False, mix="",
     log_every=50, ckpt_every=1000, eval_every=0, eval_n=8, minutes=0.0, max_minutes=0.0, stop_after=0, dump_grads="",
+    own_n=0, own_frac=0.5, own_batch=256,
     ae_init="", ae_steps=3000, ae_minutes=0.0, ae_batch=32, ae_width=16, ae_lr=2e-3, ae_noise=0.2,
 )
 choices = dict(stage=("ae", "umm"), dtype=("fp32", "bf16"))
 ranges = dict(depth=">= 1", batch=">= 1", steps=">= 1", lr="> 0", warmup=">= 1", cooldown="0..1", wd=">= 0", clip="> 0",
               ema="0..1", t_shift="> 0", cfg_drop="0..1", workers=">= 0", log_every=">= 1", ckpt_every=">= 1",
               eval_every=">= 0", eval_n=">= 1", minutes=">= 0", max_minutes=">= 0", stop_after=">= 0", ae_steps=">= 1",
-              ae_minutes=">= 0", ae_batch=">= 1", ae_width=">= 8", ae_lr="> 0", ae_noise=">= 0")
+              own_n=">= 0", own_frac="0..1", own_batch=">= 1", ae_minutes=">= 0", ae_batch=">= 1", ae_width=">= 8", ae_lr="> 0", ae_noise=">= 0")
 MIX = dict(t2i=0.24, think=0.2, caption=0.1, vqa=0.16, judge=0.07, region=0.07, reflect=0.1, fact=0.06)
+
+
+# flags of the machine and of the session, free to change when a run is continued; every other flag
+# (the model, the data stream, the schedule) is the run's own, read back from OUT/ckpt.json
+SESSION_FLAGS = ("out", "resume", "overwrite", "workers", "max_minutes", "stop_after", "log_every", "ckpt_every",
+                 "eval_every", "eval_n", "dump_grads", "compile", "own_batch", "minutes", "steps")
+
+
+def resumed_args(a):
+    """--resume continues the run as it was launched: its own flags (--init_from, --ae, --seed,
+    --mix, --batch, --own_n, ...) come from OUT/ckpt.json, so `--out RUN --resume` alone is
+    enough; passing one with another value raises (that would be a different run). --steps has
+    its own check (main)."""
+    path = os.path.join(a["out"], "ckpt.json")
+    if not os.path.exists(path):
+        return a                                # main names the missing state.pt
+    with open(path) as f:
+        saved = json.load(f).get("args", {})
+    for k, v in saved.items():
+        if k in SESSION_FLAGS or k not in defaults:
+            continue
+        if a[k] != defaults[k] and a[k] != v:
+            raise ValueError(f"--resume {a['out']}: the run was launched with --{k} {v!r}, this call asks "
+                             f"--{k} {a[k]!r}; drop --{k} to continue the run, or start a new one from its "
+                             f"weights: --init_from {a['out']}/ckpt --out NEW")
+        a[k] = v
+    return a
 
 
 def parse_mix(text):
@@ -92,8 +126,9 @@ def train_spec(rng, banned):
             return spec
 
 
-def make_sample(task, rng, banned):
-    """One sample as segments; images are still uint8 arrays ("img_clean"/"img_noise")."""
+def make_sample(task, rng, banned, own=None):
+    """One sample as segments; images are still uint8 arrays ("img_clean"/"img_noise").
+    own: the pool of the model's own images (dict specs, images, frac) or None."""
     enc = world.encode
     if task == "fact":
         noun = sorted(world.ALIASES)[rng.integers(len(world.ALIASES))]
@@ -111,7 +146,10 @@ def make_sample(task, rng, banned):
         return [("text", [M.BOS] + enc(spec["prompt"]) + [M.THINK], 0),
                 ("text", enc(world.plan_text(scene)) + [M.END_THINK, M.VS], 1.0), ("img_noise", img)]
     if task in ("vqa", "judge", "region"):
-        if rng.random() < 0.5:
+        if own is not None and rng.random() < own["frac"]:      # one of the model's own images
+            j = int(rng.integers(len(own["specs"])))
+            spec, img = own["specs"][j], own["images"][j]
+        elif rng.random() < 0.5:
             img, _ = world.render(spec, rng, holdout="train")
         else:
             img, _, _ = world.negative(spec, rng, holdout="train")
@@ -137,7 +175,7 @@ def make_sample(task, rng, banned):
     raise ValueError(task)
 
 
-def make_batch(seed, step, lo, hi, banned, cfg_drop, t_shift, C, row_len=None, mix=None):
+def make_batch(seed, step, lo, hi, banned, cfg_drop, t_shift, C, row_len=None, mix=None, own=None):
     """Samples lo..hi of the global batch of `step`, packed (on a CPU worker) into rows of
     row_len tokens holding many samples each (None: one sample per row). Each sample has
     its own RNG seeded by (seed, step, index), so the global batch is the same for any number
@@ -152,7 +190,7 @@ def make_batch(seed, step, lo, hi, banned, cfg_drop, t_shift, C, row_len=None, m
         rng = np.random.default_rng([seed, step, i])
         task = tasks[rng.choice(len(tasks), p=probs / probs.sum())]
         segs = []
-        for seg in make_sample(task, rng, banned):
+        for seg in make_sample(task, rng, banned, own):
             if seg[0].startswith("img"):
                 images.append(seg[1])
                 if seg[0] == "img_clean":
@@ -187,8 +225,8 @@ class Stream(torch.utils.data.IterableDataset):
     """Yields this rank's share of each global batch, steps start..; worker w takes steps
     start+w, start+w+W, ... (DataLoader interleaves workers in order, so order is kept)."""
 
-    def __init__(self, a, start, lo, hi, C):
-        self.a, self.start, self.lo, self.hi, self.C = a, start, lo, hi, C
+    def __init__(self, a, start, lo, hi, C, own=None):
+        self.a, self.start, self.lo, self.hi, self.C, self.own = a, start, lo, hi, C, own
 
     def __iter__(self):
         wi = torch.utils.data.get_worker_info()
@@ -197,8 +235,36 @@ class Stream(torch.utils.data.IterableDataset):
         step = self.start + k
         while True:
             yield make_batch(self.a["seed"], step, self.lo, self.hi, banned, self.a["cfg_drop"], self.a["t_shift"], self.C,
-                             self.a["row_len"] or None, mix)
+                             self.a["row_len"] or None, mix, self.own)
             step += n
+
+
+def own_pool(umm, ae, a, device, rank):
+    """The model's own think-mode images of --own_n training prompts (evaluate.py's sampler and
+    settings, so they look like what evaluate.py --auroc judges), drawn once by rank 0 and kept
+    in OUT/own.npz: --resume reads the same pool. The labels are not stored: each sample asks the
+    verifier about its image (as for renders)."""
+    import evaluate
+    path = os.path.join(a["out"], "own.npz")
+    if rank == 0 and not os.path.exists(path):
+        rng = np.random.default_rng([a["seed"], 7919])
+        banned = world.eval_prompts()
+        specs = [train_spec(rng, banned) for _ in range(a["own_n"])]
+        gen = torch.Generator(device).manual_seed(a["seed"])
+        umm.eval()
+        with torch.no_grad():
+            out = evaluate.sample(umm, ae, specs, 1, "think", evaluate.defaults, gen, a["own_batch"], "own pool")
+        umm.train()
+        ok = np.mean([world.verify(s, x)["correct"] for s, x in zip(out["spec"], out["image"])])
+        print(f"own pool: {len(specs)} think-mode images, {ok:.3f} correct by the verifier", flush=True)
+        tmp = path + ".tmp.npz"                     # atomic: a killed run never leaves half a pool
+        np.savez(tmp, images=np.stack(out["image"]).astype(np.uint8), specs=np.array(json.dumps(out["spec"])),
+                 correct_rate=np.array(ok))
+        os.replace(tmp, path)
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+    f = np.load(path)
+    return dict(images=f["images"], specs=json.loads(str(f["specs"])), frac=a["own_frac"])
 
 
 def to_device(b, ae, device):
@@ -308,6 +374,8 @@ def train_ae(a, device, log):
 
 def main(argv=None):
     a = parse_args(defaults, argv, __doc__, choices, ranges)
+    if a["resume"]:
+        a = resumed_args(a)
     parse_mix(a["mix"])
     rank, world_size, local, device = setup_dist()
     if a["batch"] % world_size:
@@ -338,6 +406,10 @@ def main(argv=None):
     ae.requires_grad_(False).eval()
     ema = {k: v.detach().clone().float() for k, v in umm.state_dict().items()}
     raw = umm
+    if a["compile"] and device.startswith("cuda"):
+        raise ValueError("--compile: on CUDA the compiled MoT failed at its first forward+backward (H100, torch "
+                         "2.11, session 6: a shape error at the MLP residual; RESULTS 'Understanding base'); "
+                         "train without --compile (CPU compile is tested), or check a fix with `bench.py --step`")
     if a["compile"]:      # dynamic: the number of rows and the two experts' blocks vary per batch
         umm = torch.compile(umm, dynamic=True)
     if world_size > 1:
@@ -363,6 +435,7 @@ def main(argv=None):
         log.resume_at(step)                             # the log's records of replayed steps go
         a["minutes"] = 0.0
         torch.set_rng_state(st["rng"].cpu())           # map_location moved it; the RNG state lives on the CPU
+    own = own_pool(raw, ae, a, device, rank) if a["own_n"] else None
     n_params = sum(p.numel() for p in raw.parameters())
     log.log(dict(config=vars(cfg) if hasattr(cfg, "__dict__") else str(cfg), params=n_params, args=a),
             f"MoT {n_params / 1e6:.2f}M params, world {world_size}, device {device}, start step {step}")
@@ -370,7 +443,7 @@ def main(argv=None):
     # ---- data: this rank's slice of the global batch
     per = a["batch"] // world_size
     assert per * world_size == a["batch"], "--batch must be divisible by the number of processes"
-    loader = torch.utils.data.DataLoader(Stream(a, step, rank * per, (rank + 1) * per, cfg.latent_ch),
+    loader = torch.utils.data.DataLoader(Stream(a, step, rank * per, (rank + 1) * per, cfg.latent_ch, own),
                                          batch_size=None, num_workers=a["workers"], worker_init_fn=one_thread,
                                          prefetch_factor=4 if a["workers"] else None, persistent_workers=False)
     it = iter(loader)

@@ -84,6 +84,42 @@ def test_gen_expert_does_not_change_text_outputs():
     assert not torch.allclose(h0[0, ~und], h1[0, ~und], atol=1e-3)   # and the gen path did change
 
 
+def test_clean_image_tokens_take_the_understanding_route():
+    """The design's routing (BAGEL's und = text + the image read for understanding): a clean image
+    enters through vae2llm_und and the und experts; the gen input projection, time embedder and gen
+    experts touch only noise tokens. Moving vae2llm_und moves the clean tokens and the text after them."""
+    m = tiny()
+    b = M.pack([[("text", [1, 10, 11], 0), ("clean", z(0)), ("text", [6, 13, 14], 1.0)]], M.PAD, 32)
+    clean = b["kind"][0] == M.CLEAN
+    with torch.no_grad():
+        h0 = m(b)
+        for p in list(m.vae2llm.parameters()) + [p for e in m.gen for p in e.parameters()]:
+            p.add_(torch.randn_like(p))
+        assert torch.allclose(m(b), h0, atol=1e-6)                    # no noise token: gen path unused
+        m.vae2llm_und.weight.add_(torch.randn_like(m.vae2llm_und.weight))
+        h1 = m(b)
+    assert not torch.allclose(h1[0, clean], h0[0, clean], atol=1e-3)
+    assert torch.allclose(h1[0, :3], h0[0, :3], atol=1e-6)                # text before the image: causal
+    assert not torch.allclose(h1[0, -3:], h0[0, -3:], atol=1e-3)           # text after it reads it
+
+
+def test_image_reentered_into_kv_cache_equals_uncached_forward():
+    """IRG and the judges re-enter a finished image as clean context (append_image): prefill text,
+    append the image, append more text; hidden states and logits equal one uncached forward."""
+    m = tiny()
+    ctx, after = [1, 10, 11, M.VS], [M.VE, 20, 21, 22]
+    full_b = M.pack([[("text", ctx, 0), ("clean", z(3)), ("text", after, 0)]], M.PAD, 32)
+    with torch.no_grad():
+        full = m(full_b)[0]
+        cache, _ = M.prefill(m, [ctx], "cpu")
+        h_img = M.append_image(m, cache, z(3)[None])
+        lg = M.append_text(m, cache, torch.tensor([after]))
+    n = len(ctx)
+    assert torch.allclose(h_img[0], full[n:n + 16], atol=1e-5)
+    assert torch.allclose(lg[0], m.logits(full[-1]).float(), atol=1e-5)
+    assert cache.kv[0][0].shape[2] == n + 16 + len(after)
+
+
 # ----------------------------------------------------------------------------- inference
 
 def test_kv_cached_decoding_equals_full_recompute():

@@ -299,3 +299,9 @@ def test_pretrain_checkpoints_on_sigterm_and_resume_keeps_its_schedule(tmp_path)
     assert r.returncode == 0, r.stderr[-2000:]
     recs = [json.loads(l) for l in open(out / "metrics.jsonl") if '"loss"' in l]
     assert [x["step"] for x in recs] == list(range(1, st["step"] + 3))     # each step once
+    # `--out RUN --resume` alone continues it: the run's own flags (depth, AE, batch, ...) come back
+    r = run("--out", str(out), "--resume", "--stop_after", "1", "--workers", "0")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert json.load(open(out / "ckpt.json"))["step"] == st["step"] + 3
+    r = run("--out", str(out), "--resume", "--seed", "5")                  # another data stream: not this run
+    assert r.returncode != 0 and "launched with --seed 0" in r.stderr, r.stderr[-2000:]
