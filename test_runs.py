@@ -305,3 +305,42 @@ def test_pretrain_checkpoints_on_sigterm_and_resume_keeps_its_schedule(tmp_path)
     assert json.load(open(out / "ckpt.json"))["step"] == st["step"] + 3
     r = run("--out", str(out), "--resume", "--seed", "5")                  # another data stream: not this run
     assert r.returncode != 0 and "launched with --seed 0" in r.stderr, r.stderr[-2000:]
+
+
+def test_own_pool_feeds_the_judge_tasks_with_the_verifiers_answers(tiny_ckpt, tmp_path):
+    """pretrain.py --own_n (issue 12): the starting model draws its own think-mode images once
+    (OUT/own.npz, kept for --resume), and a vqa / judge / region sample that reads one gets the
+    answer the exact verifier gives on that image, not the answer for the render it replaced."""
+    import pretrain as P
+    env = dict(os.environ, PYTHONPATH=HERE, OMP_NUM_THREADS="1")
+    out = tmp_path / "run"
+    args = [sys.executable, os.path.join(HERE, "pretrain.py"), "--init_from", tiny_ckpt, "--out", str(out),
+            "--own_n", "6", "--own_batch", "3", "--own_frac", "1", "--batch", "4", "--steps", "2", "--workers", "0",
+            "--dtype", "fp32", "--warmup", "1", "--mix", "vqa=1,judge=1,region=1,t2i=0,think=0,caption=0,reflect=0,fact=0"]
+    r = subprocess.run(args, env=env, cwd=HERE, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "own pool: 6 think-mode images" in r.stdout
+    f = np.load(out / "own.npz")
+    specs = json.loads(str(f["specs"]))
+    assert f["images"].shape == (6, world.W, world.W, 3) and len(specs) == 6
+    banned = world.eval_prompts()
+    assert not any(s["prompt"] in banned for s in specs)                 # training prompts only
+    # a negative in the pool: the vqa answer follows the verifier on the pool's image
+    rng = np.random.default_rng(0)
+    spec = specs[0]
+    neg = world.negative(spec, rng, holdout="any")[0]
+    own = dict(specs=[spec], images=np.stack([neg]), frac=1.0)
+    segs = P.make_sample("vqa", np.random.default_rng(1), banned, own)
+    img = [s[1] for s in segs if s[0] == "img_clean"][0]
+    assert np.array_equal(img, neg)
+    answer = world.decode(segs[-1][1][:-1])
+    assert answer == ("yes" if world.verify(spec, neg)["correct"] else "no") == "no"
+    g, _ = world.judge_scores(spec, neg)
+    segs = P.make_sample("judge", np.random.default_rng(1), banned, own)
+    assert world.parse_score(world.decode(segs[-1][1][:-1])) == float(world.format_score(g))
+    # own_frac 0: the stream is the plain one, sample for sample
+    for task in ("vqa", "judge", "region"):
+        a = P.make_sample(task, np.random.default_rng(5), banned, dict(own, frac=0.0))
+        b = P.make_sample(task, np.random.default_rng(5), banned, None)
+        assert len(a) == len(b) and all(x[0] == y[0] and np.array_equal(np.asarray(x[1]), np.asarray(y[1]))
+                                        for x, y in zip(a, b))
