@@ -44,7 +44,7 @@ from common import parse_args, Progress
 defaults = dict(ckpt="data/base", eval="data/eval.jsonl", out="runs/eval", n=50, k=4, batch=96,
                 sample_steps=25, cfg=4.0, shift=3.0, temperature=0.7, max_think=64, seed=0,
                 modes="think,forced", und=True, grid_cols=8, irg_max_think=80, unified=0, unified_steps=10,
-                encoder="data/base", clip="", auroc=0, captions=0)
+                encoder="data/base", clip="", auroc=0, captions=0, irg_keep=False)
 # IRG inference (--modes irg), the upstream IRG eval script's settings (design.md section 4)
 # (think2 names the problem, then the whole layout: --irg_max_think, 80 as irg.py, bounds each think)
 irg_defaults = dict(temperature=0.3, cfg_text=4.0, cfg_img=2.0, cfg_lo1=0.4)
@@ -210,7 +210,7 @@ def evaluate_irg(model, ae, specs, a, device, out_dir=None, log=print):
     model.eval()
     jobs = [s for s in specs for _ in range(a["k"])]
     g = torch.Generator(device).manual_seed(a["seed"])
-    ok1, ok2, im1, im2, th1, th2 = [], [], [], [], [], []
+    ok1, ok2, im1, im2, th1, th2, kept = [], [], [], [], [], [], []
     t0, prog = time.time(), Progress("eval irg", len(jobs))
     for i in range(0, len(jobs), a["batch"]):
         prog(i)
@@ -218,7 +218,7 @@ def evaluate_irg(model, ae, specs, a, device, out_dir=None, log=print):
         out = M.irg_generate(model, ae, [world.encode(s["prompt"]) for s in chunk], a, world.PALETTE, g)
         ok1 += [world.verify(s, x)["correct"] for s, x in zip(chunk, out["img1"])]
         ok2 += [world.verify(s, x)["correct"] for s, x in zip(chunk, out["img2"])]
-        im1 += list(out["img1"]); im2 += list(out["img2"])
+        im1 += list(out["img1"]); im2 += list(out["img2"]); kept += out["kept"].tolist()
         th1 += [world.decode(t) for t in out["think1"]]; th2 += [world.decode(t) for t in out["think2"]]
     ok1, ok2 = np.array(ok1), np.array(ok2)
     tags = [t for t in world.TAGS if any(s["tag"] == t for s in specs)]
@@ -227,12 +227,13 @@ def evaluate_irg(model, ae, specs, a, device, out_dir=None, log=print):
     res = dict(image1=float(np.mean([per_tag[t][0] for t in tags])), image2=float(np.mean([per_tag[t][1] for t in tags])),
                fix=float(ok2[~ok1].mean()) if (~ok1).any() else None, n_wrong1=int((~ok1).sum()),
                **{"break": float((~ok2[ok1]).mean()) if ok1.any() else None}, n_right1=int(ok1.sum()),
-               per_tag=per_tag, n=len(jobs), per_s=len(jobs) / (time.time() - t0),
+               per_tag=per_tag, n=len(jobs), per_s=len(jobs) / (time.time() - t0), kept=float(np.mean(kept)),
                examples=[dict(prompt=jobs[i]["prompt"], think1=th1[i], think2=th2[i], right1=bool(ok1[i]),
                               right2=bool(ok2[i])) for i in range(0, len(jobs), max(1, len(jobs) // 12))])
     lines = [f"{'tag':15s} {'image1':>8s} {'image2':>8s}"] + [f"{t:15s} {per_tag[t][0]:8.3f} {per_tag[t][1]:8.3f}" for t in tags]
     lines += [f"{'overall':15s} {res['image1']:8.3f} {res['image2']:8.3f}",
-              f"fix (image2 right | image1 wrong): {res['fix']}  break (image2 wrong | image1 right): {res['break']}"]
+              f"fix (image2 right | image1 wrong): {res['fix']}  break (image2 wrong | image1 right): {res['break']}"
+              + (f"  kept image1: {res['kept']:.3f}" if a.get("keep_ids") else "")]
     res["table"] = "\n".join(lines)
     log(res["table"])
     if out_dir:
@@ -452,7 +453,9 @@ def main(argv=None):
     os.makedirs(a["out"], exist_ok=True)
     print(f"evaluating {a['ckpt']} (step {meta.get('step')}) on {len(specs)} prompts x {a['k']} images")
     if "irg" in a["modes"].split(","):       # the IRG sampler's own settings (not --temperature etc.)
-        evaluate_irg(model, ae, specs, dict(a, **irg_defaults, max_think=a["irg_max_think"]), device, os.path.join(a["out"], "irg"))
+        keep = world.encode(world.PROBLEMS["ok"]) if a["irg_keep"] else None     # --irg_keep: see model.irg_generate
+        evaluate_irg(model, ae, specs, dict(a, **irg_defaults, max_think=a["irg_max_think"], keep_ids=keep), device,
+                     os.path.join(a["out"], "irg"))
     summary = evaluate(model, ae, specs, dict(a, modes=a["modes"].replace("irg", "")), device, a["out"])
     if a["unified"]:
         import rewards as R

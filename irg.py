@@ -24,6 +24,8 @@ Inference (irg_generate; the upstream IRG eval script's settings, design.md sect
                 img-uncond  <bos> P <think> T1 </think> <think> T2 </think> <vs>      (image1 dropped)
               combined as BAGEL does (cfg_combine), text CFG 4 and image CFG 2 on t in [0, 1].
   Only image2's noisy tokens run at each step; they never enter a cache.
+  --keep (an inference option; off = upstream, which always redraws): where think2 begins "the image
+  is correct", image2 is image1, as IRGL's keep records teach: a right image is not put at risk.
 
 IRGL (training). Data from the world, on training prompts only (world.candidates never draws an eval
 prompt; knowledge and counts 5-6 are left out as in pre-training: their images test transfer):
@@ -93,6 +95,7 @@ defaults = dict(
     n_prompts=24, N=1, n_flaw=1, n_edit=1, n_init=2, near=8,
     # inference (upstream IRG eval script)
     temperature=0.3, max_think=80, sample_steps=25, cfg_text=4.0, cfg_img=2.0, cfg_lo1=0.4, cfg_lo2=0.0, shift=3.0,
+    keep=False,         # a think2 of "the image is correct ..." keeps image1 as image2 (off: always redraw, upstream)
     gen_batch=60,
     # IRGL
     stage1_steps=300, stage2_steps=100, batch=16, lr=1e-4, warmup=10, clip=1.0, t_shift=1.0, cfg_drop=0.1,
@@ -112,7 +115,7 @@ STAGE_WEIGHTS = {1: dict(initial_full=1.0, improving_full=1.0, initial_thinking_
                  2: dict(initial_full=1.0, improving_full=1.0)}
 # settings that make the IRGL data and the base's evals: a --resume must match them (runs.saved_rollouts)
 MADE_WITH = ("ckpt", "seed", "n_prompts", "N", "n_flaw", "n_edit", "n_init", "near", "temperature", "max_think", "sample_steps",
-             "cfg_text", "cfg_img", "cfg_lo1", "cfg_lo2", "shift", "eval_n", "eval_k")
+             "cfg_text", "cfg_img", "cfg_lo1", "cfg_lo2", "shift", "keep", "eval_n", "eval_k")
 IMAGE_TAGS = [t for t in world.TAGS if t not in ("knowledge", "counting_hard")]   # pre-training's image tags
 
 
@@ -124,7 +127,8 @@ from model import cfg_combine, draw_first, img_uncond_ids, irg_generate  # noqa:
 
 
 def sampler(a):
-    return {k: a[k] for k in ("temperature", "max_think", "sample_steps", "cfg_text", "cfg_img", "cfg_lo1", "cfg_lo2", "shift")}
+    s = {k: a[k] for k in ("temperature", "max_think", "sample_steps", "cfg_text", "cfg_img", "cfg_lo1", "cfg_lo2", "shift")}
+    return dict(s, keep_ids=world.encode(world.PROBLEMS["ok"]) if a["keep"] else None)
 
 
 # ----------------------------------------------------------------------------- IRGL data

@@ -820,9 +820,11 @@ def draw_first(model, ae, prompts, s, palette, generator=None):
 @torch.no_grad()
 def irg_generate(model, ae, prompts, s, palette, generator=None):
     """The whole IRG pipeline, batched and KV-cached. prompts: list of id lists; s: the sampler
-    settings (temperature, max_think, sample_steps, cfg_text, cfg_img, cfg_lo1, shift); palette:
-    the AE's decoding palette (palette).
-    Returns dict(think1, think2 (token lists), switched1, switched2, z1, z2, img1, img2 (uint8 numpy))."""
+    settings (temperature, max_think, sample_steps, cfg_text, cfg_img, cfg_lo1, shift; optional
+    keep_ids: a think2 that begins with these ids keeps image1 as image2); palette: the AE's
+    decoding palette (palette).
+    Returns dict(think1, think2 (token lists), switched1, switched2, z1, z2, img1, img2 (uint8 numpy),
+    kept [B] bool)."""
     dev = next(model.parameters()).device
     B = len(prompts)
     cache, t1, sw1, z1, img1, zc = draw_first(model, ae, prompts, s, palette, generator)
@@ -846,8 +848,15 @@ def irg_generate(model, ae, prompts, s, palette, generator=None):
         if guided and t >= s.get("cfg_lo2", 0.0):
             v = cfg_combine(v, noise_velocity(model, text_unc, x, t), noise_velocity(model, img_unc, x, t), s["cfg_text"], s["cfg_img"])
         x = x - v * dt                                            # v = eps - x0: step toward the data
+    img2 = ae.decode(x, palette)
+    # keep (an inference option, off upstream): where the model's own reflection says image1 is right,
+    # image2 is image1, as IRGL's keep records teach, instead of a redraw that can break it
+    keep = s.get("keep_ids") or []
+    kept = torch.tensor([bool(keep) and list(t[:len(keep)]) == list(keep) for t in t2], device=dev)
+    x = torch.where(kept[:, None, None], z1, x)
+    img2 = torch.where(kept[:, None, None, None], img1, img2)
     return dict(think1=t1, think2=t2, switched1=sw1, switched2=sw2, z1=z1, z2=x,
-                img1=img1.cpu().numpy(), img2=ae.decode(x, palette).cpu().numpy())
+                img1=img1.cpu().numpy(), img2=img2.cpu().numpy(), kept=kept.cpu().numpy())
 
 
 def img_uncond_ids(p, t1, t2):

@@ -91,6 +91,25 @@ def test_cached_irg_equals_full_recompute():
             assert torch.allclose(x, out["z2"][r], atol=1e-4), (x - out["z2"][r]).abs().max()
 
 
+def test_keep_copies_image1_exactly_where_think2_says_so():
+    """--keep: a think2 that begins with keep_ids keeps image1 as image2; other rows are the redraw
+    they would have been without the option (keep is applied after sampling: same RNG stream)."""
+    m, ae = tiny_pair()
+    s = dict(irg.defaults, sample_steps=2, max_think=4, temperature=1.0)
+    prompts = [world.encode("a red circle"), world.encode("two blue squares"), world.encode("a green cross")]
+    run = lambda keep: M.irg_generate(m, ae, prompts, dict(irg.sampler(s), keep_ids=keep), world.PALETTE,  # noqa: E731
+                                      torch.Generator().manual_seed(3))
+    off = run(None)
+    assert not off["kept"].any()
+    first = list(off["think2"][0][:1])
+    on = run(first)
+    want = np.array([list(t[:1]) == first for t in off["think2"]])
+    assert (on["kept"] == want).all() and want[0]
+    for i in range(len(prompts)):
+        assert np.array_equal(on["img1"][i], off["img1"][i])
+        assert np.array_equal(on["img2"][i], on["img1"][i] if want[i] else off["img2"][i])
+
+
 def test_cfg_combine_is_bagels_nesting():
     vc, vt, vi = torch.randn(3, 2, 16, 32).unbind(0)
     v = irg.cfg_combine(vc, vt, vi, 4.0, 2.0)
