@@ -246,7 +246,7 @@ def own_pool(umm, ae, a, device, rank):
     verifier about its image (as for renders)."""
     import evaluate
     path = os.path.join(a["out"], "own.npz")
-    if rank == 0 and not os.path.exists(path):
+    if rank == 0 and not (a["resume"] and os.path.exists(path)):   # a fresh or --overwrite run draws its own
         rng = np.random.default_rng([a["seed"], 7919])
         banned = world.eval_prompts()
         specs = [train_spec(rng, banned) for _ in range(a["own_n"])]
@@ -264,6 +264,9 @@ def own_pool(umm, ae, a, device, rank):
     if torch.distributed.is_initialized():
         torch.distributed.barrier()
     f = np.load(path)
+    if len(f["images"]) != a["own_n"]:
+        raise ValueError(f"{path} holds {len(f['images'])} images, --own_n asks {a['own_n']}; it belongs to another "
+                         f"run: start this one with --overwrite (it draws a new pool) or another --out")
     return dict(images=f["images"], specs=json.loads(str(f["specs"])), frac=a["own_frac"])
 
 

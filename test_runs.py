@@ -325,6 +325,11 @@ def test_own_pool_feeds_the_judge_tasks_with_the_verifiers_answers(tiny_ckpt, tm
     assert f["images"].shape == (6, world.W, world.W, 3) and len(specs) == 6
     banned = world.eval_prompts()
     assert not any(s["prompt"] in banned for s in specs)                 # training prompts only
+    # --overwrite with another --own_n draws a new pool (never the old run's)
+    r = subprocess.run([*args[:7], "4", *args[8:], "--overwrite"], env=env, cwd=HERE, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0 and "own pool: 4 think-mode images" in r.stdout, r.stderr[-2000:]
+    assert np.load(out / "own.npz")["images"].shape[0] == 4
     # a negative in the pool: the vqa answer follows the verifier on the pool's image
     rng = np.random.default_rng(0)
     spec = specs[0]
