@@ -67,7 +67,8 @@ what carries a loss (CE = text cross-entropy, MSE = flow-matching velocity loss)
   Flow matching: x_t = (1 - t) x0 + t eps, t = shift(sigmoid(randn)) with shift --t_shift, target
   v = eps - x0. Upstream trains at shift 4.0; the default here is 1.0, the base's pre-training shift:
   at 4.0 (median t 0.8) image2 kept the layout of a right image1 but changed 6% of its pixels and
-  broke half of the right images it was told to keep (RESULTS.md, "IRG"): copying is low-t detail. Losses: mean CE over the batch's CE tokens + mean MSE over its noise tokens.
+  broke half of the right images it was told to keep (RESULTS.md, "IRG"): copying is low-t detail.
+  Losses: mean CE over the batch's CE tokens + mean MSE over its noise tokens.
   AdamW (0.9, 0.95), constant LR after a short warmup, grad clip 1, one optimiser through both stages.
 
 The run folder: config.json, metrics.jsonl, irgl.rank0.pt (the data and the base's evals, for

@@ -444,8 +444,7 @@ def main(argv=None):
             f"MoT {n_params / 1e6:.2f}M params, world {world_size}, device {device}, start step {step}")
 
     # ---- data: this rank's slice of the global batch
-    per = a["batch"] // world_size
-    assert per * world_size == a["batch"], "--batch must be divisible by the number of processes"
+    per = a["batch"] // world_size                  # divisible: checked at the start of main
     loader = torch.utils.data.DataLoader(Stream(a, step, rank * per, (rank + 1) * per, cfg.latent_ch, own),
                                          batch_size=None, num_workers=a["workers"], worker_init_fn=one_thread,
                                          prefetch_factor=4 if a["workers"] else None, persistent_workers=False)
