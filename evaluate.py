@@ -202,6 +202,10 @@ def evaluate(model, ae, specs, a, device, out_dir=None, log=print):
 
 
 @torch.no_grad()
+def fmt_p(x):
+    return "n/a" if x is None else f"{x:.3f}"
+
+
 def evaluate_irg(model, ae, specs, a, device, out_dir=None, log=print):
     """IRG inference (model.irg_generate) on specs, k images each; a: the sampler settings (irg.sampler)
     plus k, batch, seed. Per tag and overall (mean over tags, as evaluate): accuracy of image1 and of
@@ -221,6 +225,8 @@ def evaluate_irg(model, ae, specs, a, device, out_dir=None, log=print):
         im1 += list(out["img1"]); im2 += list(out["img2"]); kept += out["kept"].tolist()
         th1 += [world.decode(t) for t in out["think1"]]; th2 += [world.decode(t) for t in out["think2"]]
     ok1, ok2 = np.array(ok1), np.array(ok2)
+    # the reflection as a critic: how often think2 calls image1 right, given what the verifier says
+    says_ok = np.array([t.startswith(world.PROBLEMS["ok"]) for t in th2])
     tags = [t for t in world.TAGS if any(s["tag"] == t for s in specs)]
     tag_of = np.array([s["tag"] for s in jobs])
     per_tag = {t: (float(ok1[tag_of == t].mean()), float(ok2[tag_of == t].mean())) for t in tags}
@@ -228,12 +234,16 @@ def evaluate_irg(model, ae, specs, a, device, out_dir=None, log=print):
                fix=float(ok2[~ok1].mean()) if (~ok1).any() else None, n_wrong1=int((~ok1).sum()),
                **{"break": float((~ok2[ok1]).mean()) if ok1.any() else None}, n_right1=int(ok1.sum()),
                per_tag=per_tag, n=len(jobs), per_s=len(jobs) / (time.time() - t0), kept=float(np.mean(kept)),
+               ok_if_right=float(says_ok[ok1].mean()) if ok1.any() else None,
+               ok_if_wrong=float(says_ok[~ok1].mean()) if (~ok1).any() else None,
                examples=[dict(prompt=jobs[i]["prompt"], think1=th1[i], think2=th2[i], right1=bool(ok1[i]),
                               right2=bool(ok2[i])) for i in range(0, len(jobs), max(1, len(jobs) // 12))])
     lines = [f"{'tag':15s} {'image1':>8s} {'image2':>8s}"] + [f"{t:15s} {per_tag[t][0]:8.3f} {per_tag[t][1]:8.3f}" for t in tags]
     lines += [f"{'overall':15s} {res['image1']:8.3f} {res['image2']:8.3f}",
               f"fix (image2 right | image1 wrong): {res['fix']}  break (image2 wrong | image1 right): {res['break']}"
-              + (f"  kept image1: {res['kept']:.3f}" if a.get("keep_ids") else "")]
+              + (f"  kept image1: {res['kept']:.3f}" if a.get("keep_ids") else ""),
+              f"think2 says image1 is right: {fmt_p(res['ok_if_right'])} of the right ones, "
+              f"{fmt_p(res['ok_if_wrong'])} of the wrong ones"]
     res["table"] = "\n".join(lines)
     log(res["table"])
     if out_dir:

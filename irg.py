@@ -70,6 +70,8 @@ what carries a loss (CE = text cross-entropy, MSE = flow-matching velocity loss)
   broke half of the right images it was told to keep (RESULTS.md, "IRG"): copying is low-t detail.
   Losses: mean CE over the batch's CE tokens + mean MSE over its noise tokens.
   AdamW (0.9, 0.95), constant LR after a short warmup, grad clip 1, one optimiser through both stages.
+  --ema DECAY (0 = off): the evals and the checkpoint read an exponential moving average of the weights
+  (runs.ema_step): IRGL's small batches otherwise cost image1 accuracy by their noise alone.
 
 The run folder: config.json, metrics.jsonl, irgl.rank0.pt (the data and the base's evals, for
 --resume), before/ (the base, single pass, think mode: evaluate.py), base_irg/, stage1_irg/ and
@@ -100,7 +102,7 @@ defaults = dict(
     gen_batch=60,
     # IRGL
     stage1_steps=300, stage2_steps=100, batch=16, lr=1e-4, warmup=10, clip=1.0, t_shift=1.0, cfg_drop=0.1,
-    ckpt_every=25,
+    ckpt_every=25, ema=0.0,
     # evaluation on the held-out eval set: eval_n prompts per tag, eval_k images each
     eval_n=10, eval_k=1, dtype="fp32",
 )
@@ -108,7 +110,7 @@ choices = dict(dtype=("fp32", "bf16"))
 ranges = dict(n_prompts=">= 1", N=">= 0", n_flaw=">= 0", n_edit=">= 0", n_init=">= 1", near=">= 1", temperature=">= 0",
               max_think=">= 1", sample_steps=">= 1", cfg_text=">= 0", cfg_img=">= 0", cfg_lo1="0..1", cfg_lo2="0..1", shift="> 0",
               gen_batch=">= 1", stage1_steps=">= 0", stage2_steps=">= 0", batch=">= 1", lr="> 0", warmup=">= 0",
-              clip="> 0", t_shift="> 0", cfg_drop="0..1", ckpt_every=">= 1", eval_n=">= 1", eval_k=">= 1")
+              clip="> 0", t_shift="> 0", cfg_drop="0..1", ckpt_every=">= 1", eval_n=">= 1", eval_k=">= 1", ema="0..1")
 MODES = ("initial_full", "initial_thinking_gen", "initial_thinking_und",
          "improving_full", "improving_thinking_gen", "improving_thinking_und")
 STAGE_WEIGHTS = {1: dict(initial_full=1.0, improving_full=1.0, initial_thinking_gen=0.5, improving_thinking_gen=0.5,
@@ -318,14 +320,17 @@ def main(argv=None):
     opt = torch.optim.AdamW(raw.parameters(), lr=a["lr"], betas=(0.9, 0.95), eps=1e-15, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(1, a["warmup"])))  # then constant
     rng = np.random.default_rng(a["seed"] * world_size + rank)
-    start = runs.load_state(a, rank, raw, opt, sched, rng, log)
+    ema = runs.ema_init(raw, a["ema"])          # --ema: the weights the evals read and the checkpoint holds
+    start = runs.load_state(a, rank, raw, opt, sched, rng, log, ema)
     s1, total = a["stage1_steps"], a["stage1_steps"] + a["stage2_steps"]
     per = a["batch"] // world_size
     amp = torch.autocast(device.split(":")[0], dtype=torch.bfloat16, enabled=a["dtype"] == "bf16")
     stage1, t_train, n_train = None, 0.0, 0
     for step in range(start, total + 1):
         if step == s1 and s1 > 0 and rank == 0:      # the end of stage 1 (also reached by a resume at it)
+            runs.ema_swap(raw, ema)
             stage1 = stage_eval(raw, ae, eval_specs, ia, device, a, "stage1_irg", log)
+            runs.ema_swap(raw, ema)
         if step == total:
             break
         stage = 1 if step < s1 else 2
@@ -358,6 +363,7 @@ def main(argv=None):
         loss = loss_txt + loss_img
         gn = update(opt, loss, raw.parameters(), a["clip"], f"step {step + 1}")   # backward, clip, finite check, step
         sched.step()
+        runs.ema_step(ema, raw, a["ema"])
         t_train, n_train = t_train + time.time() - t_step, n_train + 1
         if (step + 1) % 25 == 0 or step == start or step + 1 in (s1, total):
             log.log(dict(phase="train", step=step + 1, stage=stage, loss_txt=loss_txt.item() / world_size,
@@ -365,9 +371,10 @@ def main(argv=None):
                     f"step {step + 1}/{total} (stage {stage}) text {loss_txt.item() / world_size:.4f} "
                     f"image {loss_img.item():.4f} gn {gn.item():.2f} ({t_train / n_train:.2f} s/step)")
         if (step + 1) % a["ckpt_every"] == 0 or step + 1 in (s1, total):
-            runs.save_state(a, rank, step + 1, raw, opt, sched, rng)
+            runs.save_state(a, rank, step + 1, raw, opt, sched, rng, ema)
 
-    # ---- after: IRG inference after stages 1 + 2, the checkpoint, summary
+    # ---- after: IRG inference after stages 1 + 2, the checkpoint, summary (the EMA weights with --ema)
+    runs.ema_swap(raw, ema)
     if rank == 0:
         raw.eval()
         M.save_weights(os.path.join(a["out"], "ckpt"), raw, ae, dict(method="irg", base=a["ckpt"], args=a))
@@ -399,9 +406,10 @@ def irg_eval(model, ae, specs, ia, device, a, name, log):
     t0 = time.time()
     res = evaluate.evaluate_irg(model, ae, specs, ia, device, os.path.join(a["out"], name), log=lambda *_: None)
     log.log(dict(phase=name, image1=res["image1"], image2=res["image2"], fix=res["fix"], brk=res["break"],
-                 seconds=time.time() - t0),
+                 ok_if_right=res["ok_if_right"], ok_if_wrong=res["ok_if_wrong"], kept=res["kept"], seconds=time.time() - t0),
             f"{name}: image1 {res['image1']:.3f} image2 {res['image2']:.3f} fix {fmt(res['fix'])} "
-            f"break {fmt(res['break'])} ({time.time() - t0:.0f}s)")
+            f"break {fmt(res['break'])}; think2 calls image1 right for {fmt(res['ok_if_right'])} of the right, "
+            f"{fmt(res['ok_if_wrong'])} of the wrong ({time.time() - t0:.0f}s)")
     return res
 
 

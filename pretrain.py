@@ -31,6 +31,9 @@ answer the exact verifier gives on it. The judge learns on the kind of image it 
 model's own samples (issue 12), not only clean renders.
 Images of knowledge prompts and of counts 5-6 never appear (held out to test transfer), nor
 do held-out (colour, shape) pairs or (shape, relation, shape) triples, nor eval prompts.
+--und_transfer: the vqa / judge / region samples draw their prompts from all twelve tags, so the
+understanding side sees knowledge nouns and counts 5-6 (the judge can then read them); t2i, think
+and reflect still never draw them, so generation's transfer test stays a test.
 """
 import json
 import math
@@ -55,7 +58,7 @@ defaults = dict(
     depth=8, batch=128, steps=20000, lr=3e-4, warmup=300, cooldown=0.2, wd=0.0, clip=1.0,
     ema=0.999, t_shift=1.0, cfg_drop=0.1, dtype="bf16", workers=2, seed=0, row_len=160, compile=False, mix="",
     log_every=50, ckpt_every=1000, eval_every=0, eval_n=8, minutes=0.0, max_minutes=0.0, stop_after=0, dump_grads="",
-    own_n=0, own_frac=0.5, own_batch=256,
+    own_n=0, own_frac=0.5, own_batch=256, und_transfer=False,
     ae_init="", ae_steps=3000, ae_minutes=0.0, ae_batch=32, ae_width=16, ae_lr=2e-3, ae_noise=0.2,
 )
 choices = dict(stage=("ae", "umm"), dtype=("fp32", "bf16"))
@@ -118,17 +121,19 @@ IMAGE_TAGS = [t for t in world.TAGS if t not in ("knowledge", "counting_hard")]
 
 # ----------------------------------------------------------------------------- data
 
-def train_spec(rng, banned):
+def train_spec(rng, banned, tags=IMAGE_TAGS):
     """A prompt spec for an image-bearing task: training compositions only, never an eval prompt."""
     while True:
-        spec = world.sample_spec(IMAGE_TAGS[rng.integers(len(IMAGE_TAGS))], rng, holdout="train")
+        spec = world.sample_spec(tags[rng.integers(len(tags))], rng, holdout="train")
         if spec["prompt"] not in banned:
             return spec
 
 
-def make_sample(task, rng, banned, own=None):
+def make_sample(task, rng, banned, own=None, und_transfer=False):
     """One sample as segments; images are still uint8 arrays ("img_clean"/"img_noise").
-    own: the pool of the model's own images (dict specs, images, frac) or None."""
+    own: the pool of the model's own images (dict specs, images, frac) or None.
+    und_transfer: vqa / judge / region also ask about images of the two transfer tags (knowledge
+    nouns, counts 5-6); the generation tasks (t2i, think, reflect) still never draw them."""
     enc = world.encode
     if task == "fact":
         noun = sorted(world.ALIASES)[rng.integers(len(world.ALIASES))]
@@ -138,7 +143,8 @@ def make_sample(task, rng, banned, own=None):
         return [("text", [M.BOS, M.VS], 0), ("img_clean", world.draw(scene)),
                 ("text", [M.VE] + enc("give the layout of the image ."), 0),
                 ("text", enc(world.caption(scene)) + [M.EOS], 1.0)]
-    spec = train_spec(rng, banned)
+    und = task in ("vqa", "judge", "region")
+    spec = train_spec(rng, banned, world.TAGS if und and und_transfer else IMAGE_TAGS)
     if task in ("t2i", "think"):
         img, scene = world.render(spec, rng, holdout="train")
         if task == "t2i":
@@ -175,7 +181,7 @@ def make_sample(task, rng, banned, own=None):
     raise ValueError(task)
 
 
-def make_batch(seed, step, lo, hi, banned, cfg_drop, t_shift, C, row_len=None, mix=None, own=None):
+def make_batch(seed, step, lo, hi, banned, cfg_drop, t_shift, C, row_len=None, mix=None, own=None, und_transfer=False):
     """Samples lo..hi of the global batch of `step`, packed (on a CPU worker) into rows of
     row_len tokens holding many samples each (None: one sample per row). Each sample has
     its own RNG seeded by (seed, step, index), so the global batch is the same for any number
@@ -190,7 +196,7 @@ def make_batch(seed, step, lo, hi, banned, cfg_drop, t_shift, C, row_len=None, m
         rng = np.random.default_rng([seed, step, i])
         task = tasks[rng.choice(len(tasks), p=probs / probs.sum())]
         segs = []
-        for seg in make_sample(task, rng, banned, own):
+        for seg in make_sample(task, rng, banned, own, und_transfer):
             if seg[0].startswith("img"):
                 images.append(seg[1])
                 if seg[0] == "img_clean":
@@ -235,7 +241,7 @@ class Stream(torch.utils.data.IterableDataset):
         step = self.start + k
         while True:
             yield make_batch(self.a["seed"], step, self.lo, self.hi, banned, self.a["cfg_drop"], self.a["t_shift"], self.C,
-                             self.a["row_len"] or None, mix, self.own)
+                             self.a["row_len"] or None, mix, self.own, self.a["und_transfer"])
             step += n
 
 
@@ -544,7 +550,8 @@ def curve_point(ema, ae, cfg, step, a, device, log):
     ea = dict(evaluate.defaults, k=2, modes="think", batch=256)
     s = evaluate.evaluate(m, ae, specs, ea, device, log=lambda *_: None)
     rec = dict(step=step, curve=True, gen_think=s["gen_think"], und=s["und"], switch_rate=s["switch_rate"],
-               per_tag={t: v["gen_think"] for t, v in s["per_tag"].items()})
+               per_tag={t: v["gen_think"] for t, v in s["per_tag"].items()},
+               und_tag={t: v["und"] for t, v in s["per_tag"].items()})
     log.log(rec, f"eval @ {step}: gen_think {s['gen_think']:.3f} und {s['und']:.3f} switch {s['switch_rate']:.3f}")
 
 

@@ -38,6 +38,8 @@ The method (design section 4; the paper's symbols):
 Ablations (paper figure 3): --reward_level sample (R = (g + 1) / 2 everywhere: global only),
 --binary (g and s_i rounded to -1 / +1 before the map: the 0-1 reward), --lambda_c 0 (no KL
 term), --no_global (no R *= (g + 1) / 2), --baseline sft (R = 1, lambda_c 0: SFT on the same images).
+--ema DECAY (0 = off, the default): evaluate and save an exponential moving average of the weights
+(runs.ema_step), which keeps the regression's drift and averages the noise of its small batches.
 """
 import os
 import time
@@ -64,6 +66,7 @@ defaults = dict(
     no_global=False, baseline="none",
     # regression
     lambda_c=0.5, train_steps=150, batch=32, lr=2.5e-5, warmup=10, clip=1.0, t_shift=1.0, cfg_drop=0.1, ckpt_every=25,
+    ema=0.0,
     row_len=160,
     # evaluation before / after on the held-out eval set
     eval_n=20, eval_k=2, dtype="fp32",
@@ -73,6 +76,7 @@ choices = dict(judge=("self", "oracle"), judge_score=("mean", "mode"), reward_ma
 ranges = dict(n_prompts=">= 0", N=">= 1", temperature=">= 0", max_think=">= 1", gen_batch=">= 1", sample_steps=">= 1",
               cfg=">= 0", shift="> 0", top_k=">= 1", lambda_c=">= 0", train_steps=">= 1", batch=">= 1", lr="> 0",
               warmup=">= 0", clip="> 0", t_shift="> 0", cfg_drop="0..1", ckpt_every=">= 1", row_len=">= 0", eval_n=">= 1",
+              ema="0..1",
               eval_k=">= 1")
 
 
@@ -148,7 +152,7 @@ def main(argv=None):
     if not saved:      # saved once, where they were made; ablations point --reuse here, --resume reads them
         atomic_torch_save(dict(args=a, ro=ro, g=g, regions=regions, rollouts_per_s=ro_per_s, before=before),
                           runs.rollout_file(a["out"], rank, "candidates"))
-    judge_rec, stats = judge_vs_verifier(ro, g, regions, ro_per_s, a, log)
+    judge_rec, stats, correct = judge_vs_verifier(ro, g, regions, ro_per_s, a, log)
 
     # ---- 4. reward maps over the image tokens (sft: R = 1 and no L_ref)
     maps = [reward_map(float(gi), ri, a) for gi, ri in zip(g, regions)]
@@ -156,8 +160,17 @@ def main(argv=None):
     lam = a["lambda_c"]
     if a["baseline"] == "sft":
         Rtok, lam = np.ones_like(Rtok), 0.0
+    # the map's contrast: a candidate's mean per-token weight in Eq. 3 (R + lambda_c), right over wrong by the
+    # verifier. What a weighted regression can move: RWR's exp(5 r) spans up to e^5 = 148x, SFT 1x.
+    w_img = Rtok.mean(1) + lam
+    contrast = float(w_img[correct].mean() / w_img[~correct].mean()) if correct.any() and (~correct).any() else None
+    judge_rec = dict(judge_rec, weight_right=float(w_img[correct].mean()) if correct.any() else None,
+                     weight_wrong=float(w_img[~correct].mean()) if (~correct).any() else None, contrast=contrast)
     if rank == 0:
         draw_maps(ro, maps, Rtok, a, log)
+        log.log(dict(phase="contrast", **{k: judge_rec[k] for k in ("weight_right", "weight_wrong", "contrast")}),
+                "map contrast: mean token weight %s on right candidates, %s on wrong ones: %sx"
+                % tuple("n/a" if judge_rec[k] is None else f"{judge_rec[k]:.3f}" for k in ("weight_right", "weight_wrong", "contrast")))
 
     # ---- 5. the regression: L = mean(R * ||v - (eps - x0)||^2) + lambda_c * mean(||v - (eps - x0)||^2)
     raw = policy.train()
@@ -165,7 +178,8 @@ def main(argv=None):
     opt = torch.optim.AdamW(raw.parameters(), lr=a["lr"], betas=(0.9, 0.95), eps=1e-15, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(1, a["warmup"])))  # then constant
     rng = np.random.default_rng(a["seed"] * world_size + rank)
-    start = runs.load_state(a, rank, raw, opt, sched, rng, log)       # --resume: the last training checkpoint
+    ema = runs.ema_init(raw, a["ema"])                                 # --ema: what is evaluated and saved
+    start = runs.load_state(a, rank, raw, opt, sched, rng, log, ema)  # --resume: the last training checkpoint
     z_all = ae.encode(torch.as_tensor(np.stack(ro["image"]), device=device))   # x0_gt: the candidate, re-encoded
     per, n_ro = a["batch"] // world_size, len(ro["spec"])
     amp = torch.autocast(device.split(":")[0], dtype=torch.bfloat16, enabled=a["dtype"] == "bf16")
@@ -192,13 +206,15 @@ def main(argv=None):
         loss = velocity_loss(v.view_as(x0), eps, x0, w=w, lam=lam)
         gn = update(opt, loss, raw.parameters(), a["clip"], f"step {step + 1}")   # backward, clip, finite check, step
         sched.step()
+        runs.ema_step(ema, raw, a["ema"])
         if (step + 1) % 25 == 0 or step == start or step + 1 == a["train_steps"]:
             log.log(dict(phase="train", step=step + 1, loss=loss.item(), gnorm=gn.item(), lr=sched.get_last_lr()[0]),
                     f"step {step + 1}/{a['train_steps']} loss {loss.item():.4f} gn {gn.item():.2f}")
         if (step + 1) % a["ckpt_every"] == 0 or step + 1 == a["train_steps"]:
-            runs.save_state(a, rank, step + 1, raw, opt, sched, rng)
+            runs.save_state(a, rank, step + 1, raw, opt, sched, rng, ema)
 
-    # ---- after: the same eval, the run folder
+    # ---- after: the same eval, the run folder (of the EMA weights with --ema)
+    runs.ema_swap(raw, ema)
     if rank == 0:
         runs.finish(raw, ae, before, eval_specs, ea, device, a, "srum", log, reward=stats, hist=R.histogram((g + 1) / 2),
                     rollouts_per_s=ro_per_s, judge=judge_rec, token_reward_mean=float(Rtok.mean()))
@@ -227,7 +243,7 @@ def judge_vs_verifier(ro, g, regions, ro_per_s, a, log):
             f"{fmt(rec['region_vs_ideal'])}")
     evaluate.histogram_png(R.histogram((g + 1) / 2), os.path.join(a["out"], "reward_hist.png"),
                            f"srum global reward (g + 1) / 2, judge {a['judge']}, {len(g)} candidates")
-    return rec, stats
+    return rec, stats, correct.astype(bool)
 
 
 def draw_maps(ro, maps, Rtok, a, log):

@@ -241,7 +241,8 @@ def tiny_ckpt(tmp_path_factory):
 def test_end_to_end_resume_equals_uninterrupted_and_report(tiny_ckpt, tmp_path, monkeypatch):
     import runs
     a_dir, b_dir = tmp_path / "runs" / "a", tmp_path / "runs" / "b"
-    irg.main(["--ckpt", tiny_ckpt, "--out", str(a_dir)] + QUICK)
+    quick = QUICK + ["--ema", "0.5"]     # the EMA's weights, too, resume exactly
+    irg.main(["--ckpt", tiny_ckpt, "--out", str(a_dir)] + quick)
     s = json.load(open(a_dir / "summary.json"))
     assert set(s["rows"]) == {"base, single pass (think)", "base, IRG inference", "IRGL stage 1", "IRGL stages 1+2"}
     for f in ("data.png", "base_irg/grid_irg.png", "stage1_irg/summary.json", "stage2_irg/grid_irg.png", "ckpt.json",
@@ -256,10 +257,10 @@ def test_end_to_end_resume_equals_uninterrupted_and_report(tiny_ckpt, tmp_path, 
             raise KeyboardInterrupt("killed")
     monkeypatch.setattr(runs, "save_state", save_then_die)
     with pytest.raises(KeyboardInterrupt):
-        irg.main(["--ckpt", tiny_ckpt, "--out", str(b_dir)] + QUICK)
+        irg.main(["--ckpt", tiny_ckpt, "--out", str(b_dir)] + quick)
     monkeypatch.setattr(runs, "save_state", real)
     assert not (b_dir / "summary.json").exists()
-    irg.main(["--ckpt", tiny_ckpt, "--out", str(b_dir), "--resume"] + QUICK)
+    irg.main(["--ckpt", tiny_ckpt, "--out", str(b_dir), "--resume"] + quick)
     ma, _, _ = M.load_weights(str(a_dir / "ckpt"))
     mb, _, _ = M.load_weights(str(b_dir / "ckpt"))
     for (k, pa), pb in zip(ma.state_dict().items(), mb.state_dict().values()):
@@ -274,7 +275,7 @@ def test_end_to_end_resume_equals_uninterrupted_and_report(tiny_ckpt, tmp_path, 
     assert len(rows) == 2 and (tmp_path / "runs" / "report.md").exists()
     # a finished folder is not overwritten by accident
     with pytest.raises(FileExistsError, match="--resume"):
-        irg.main(["--ckpt", tiny_ckpt, "--out", str(a_dir)] + QUICK)
+        irg.main(["--ckpt", tiny_ckpt, "--out", str(a_dir)] + quick)
 
 
 @pytest.mark.parametrize("args,msg", [

@@ -349,3 +349,61 @@ def test_own_pool_feeds_the_judge_tasks_with_the_verifiers_answers(tiny_ckpt, tm
         b = P.make_sample(task, np.random.default_rng(5), banned, None)
         assert len(a) == len(b) and all(x[0] == y[0] and np.array_equal(np.asarray(x[1]), np.asarray(y[1]))
                                         for x, y in zip(a, b))
+
+
+def test_und_transfer_reaches_understanding_only():
+    """pretrain --und_transfer: vqa / judge / region ask about knowledge nouns and counts 5-6; the
+    generation tasks never draw them, with or without the flag; without it the stream is unchanged."""
+    import pretrain as P
+    banned = world.eval_prompts()
+    words = set(world.ALIASES) | {"five", "six"}
+    seen = {}
+    for i in range(300):
+        for task in ("t2i", "think", "reflect", "vqa", "judge", "region"):
+            for flag in (False, True):
+                segs = P.make_sample(task, np.random.default_rng([7, i]), banned, None, flag)
+                text = " ".join(world.decode(s[1]) for s in segs if s[0] == "text")
+                seen[task, flag] = seen.get((task, flag), False) or bool(words & set(text.split()))
+            if task in ("t2i", "think", "reflect"):   # the flag does not touch generation's samples
+                a = P.make_sample(task, np.random.default_rng([7, i]), banned, None, False)
+                b = P.make_sample(task, np.random.default_rng([7, i]), banned, None, True)
+                assert all(x[0] == y[0] and np.array_equal(np.asarray(x[1]), np.asarray(y[1])) for x, y in zip(a, b))
+    assert not any(v for (task, flag), v in seen.items() if not flag or task in ("t2i", "think", "reflect")), seen
+    assert all(seen[t, True] for t in ("vqa", "judge", "region")), seen
+
+
+def test_ema_is_what_srum_saves_and_a_resume_keeps_it(ckpt, prompts, tmp_path, monkeypatch):
+    """--ema: the saved weights are the running average (not the last iterate), and a run killed
+    mid-training resumes to the same EMA weights as an uninterrupted one."""
+    import runs
+    import srum
+    lin = torch.nn.Linear(2, 2)
+    ema = runs.ema_init(lin, 0.5)
+    w0 = lin.weight.detach().clone()
+    with torch.no_grad():
+        lin.weight.add_(2.0)
+    runs.ema_step(ema, lin, 0.5)
+    assert torch.allclose(ema["weight"], w0 + 1.0)                       # 0.5 * w0 + 0.5 * (w0 + 2)
+    runs.ema_swap(lin, ema)
+    assert torch.allclose(lin.weight, w0 + 1.0) and torch.allclose(ema["weight"], w0 + 2.0)
+    runs.ema_swap(lin, ema)
+    assert torch.allclose(lin.weight, w0 + 2.0)
+    assert runs.ema_init(lin, 0.0) is None
+
+    plain, full, cut = tmp_path / "plain", tmp_path / "full", tmp_path / "cut"
+    srum.main(rwr_args(ckpt, prompts, plain))
+    srum.main(rwr_args(ckpt, prompts, full, "--reuse", str(plain), "--ema", "0.5"))
+    real = common.finite
+
+    def killed_at_step_3(where, **kw):
+        if where == "step 3":
+            raise KeyboardInterrupt
+        return real(where, **kw)
+    monkeypatch.setattr(common, "finite", killed_at_step_3)
+    with pytest.raises(KeyboardInterrupt):
+        srum.main(rwr_args(ckpt, prompts, cut, "--reuse", str(plain), "--ema", "0.5"))
+    monkeypatch.setattr(common, "finite", real)
+    srum.main(rwr_args(ckpt, prompts, cut, "--reuse", str(plain), "--ema", "0.5", "--resume"))
+    p, a, b = (weights(str(d / "ckpt")) for d in (plain, full, cut))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert any(not torch.equal(a[k], p[k]) for k in a)                  # the EMA, not the last iterate

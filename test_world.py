@@ -260,6 +260,16 @@ def test_eval_file(tmp_path):
         assert f.read() == g.read(), "data/eval.jsonl is stale: python world.py --write_eval"
 
 
+def test_prompt_sets_never_hold_eval_prompts():
+    """--prompts random draws every tag, compositional only world.COMPOSITIONAL's; neither an eval prompt."""
+    banned = world.eval_prompts()
+    rand, comp = world.prompt_set("random", 24, 0), world.prompt_set("compositional", 24, 0)
+    assert {s["tag"] for s in rand} == set(TAGS) and len(rand) == 24
+    assert {s["tag"] for s in comp} == set(world.COMPOSITIONAL) and len(comp) == 24
+    assert not banned & {s["prompt"] for s in rand + comp}
+    assert comp == world.prompt_set("compositional", 24, 0) != world.prompt_set("compositional", 24, 1)
+
+
 def test_verifications_per_second():
     rng = np.random.default_rng(12)
     data = []

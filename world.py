@@ -931,11 +931,23 @@ def candidates(per_tag, rng):
     return cands
 
 
+# The tags whose prompts compose objects, attributes, relations and numbers, as T2I-CompBench's
+# categories do (colour / binding, spatial, numeracy, complex): SRUM's paper trains on that
+# benchmark's training split. Left out: single_object (nothing to compose) and the three tags
+# that no image in pre-training teaches (counting_hard, knowledge, text), where the model's
+# own samples are almost never right, so its judgments have nothing to rank.
+COMPOSITIONAL = ["two_object", "counting", "colors", "position", "color_attr", "size", "color_count", "color_region"]
+
+
 def prompt_set(prompts, n, seed):
-    """Training prompts: a prompt file, or "random" (n candidates per tag, never an eval prompt,
-    drawn with seed); taken round-robin over tags, then the first n (0 = all), so a file listed
-    tag by tag still gives every tag its share."""
-    pool = candidates(n, np.random.default_rng(10_000 + seed)) if prompts == "random" else load_specs(prompts)
+    """Training prompts: a prompt file, "random" (n candidates per tag, never an eval prompt,
+    drawn with seed) or "compositional" (the same, COMPOSITIONAL tags only); taken round-robin
+    over tags, then the first n (0 = all), so a file listed tag by tag still gives every tag its share."""
+    if prompts in ("random", "compositional"):
+        pool = candidates(n, np.random.default_rng(10_000 + seed))
+        pool = [s for s in pool if prompts == "random" or s["tag"] in COMPOSITIONAL]
+    else:
+        pool = load_specs(prompts)
     if not pool:
         raise ValueError(f"{prompts}: the prompt file holds no prompts; pass a file with at least one line "
                          f"(e.g. data/mmgw.jsonl) or --prompts random")
