@@ -201,11 +201,11 @@ def evaluate(model, ae, specs, a, device, out_dir=None, log=print):
     return summary
 
 
-@torch.no_grad()
 def fmt_p(x):
     return "n/a" if x is None else f"{x:.3f}"
 
 
+@torch.no_grad()
 def evaluate_irg(model, ae, specs, a, device, out_dir=None, log=print):
     """IRG inference (model.irg_generate) on specs, k images each; a: the sampler settings (irg.sampler)
     plus k, batch, seed. Per tag and overall (mean over tags, as evaluate): accuracy of image1 and of
