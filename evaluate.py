@@ -202,6 +202,7 @@ def evaluate(model, ae, specs, a, device, out_dir=None, log=print):
 
 
 def fmt_p(x):
+    """A rate or score for a log line, "n/a" where there is none."""
     return "n/a" if x is None else f"{x:.3f}"
 
 

@@ -398,19 +398,15 @@ def stage_eval(raw, ae, specs, ia, device, a, name, log):
     return res
 
 
-def fmt(x):
-    return "n/a" if x is None else f"{x:.3f}"
-
-
 def irg_eval(model, ae, specs, ia, device, a, name, log):
     """IRG inference on the eval set (evaluate.evaluate_irg), into the run folder's `name`/."""
     t0 = time.time()
     res = evaluate.evaluate_irg(model, ae, specs, ia, device, os.path.join(a["out"], name), log=lambda *_: None)
     log.log(dict(phase=name, image1=res["image1"], image2=res["image2"], fix=res["fix"], brk=res["break"],
                  ok_if_right=res["ok_if_right"], ok_if_wrong=res["ok_if_wrong"], kept=res["kept"], seconds=time.time() - t0),
-            f"{name}: image1 {res['image1']:.3f} image2 {res['image2']:.3f} fix {fmt(res['fix'])} "
-            f"break {fmt(res['break'])}; think2 calls image1 right for {fmt(res['ok_if_right'])} of the right, "
-            f"{fmt(res['ok_if_wrong'])} of the wrong ({time.time() - t0:.0f}s)")
+            f"{name}: image1 {res['image1']:.3f} image2 {res['image2']:.3f} fix {evaluate.fmt_p(res['fix'])} "
+            f"break {evaluate.fmt_p(res['break'])}; think2 calls image1 right for {evaluate.fmt_p(res['ok_if_right'])} "
+            f"of the right, {evaluate.fmt_p(res['ok_if_wrong'])} of the wrong ({time.time() - t0:.0f}s)")
     return res
 
 

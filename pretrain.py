@@ -151,7 +151,7 @@ def make_sample(task, rng, banned, own=None, und_transfer=False):
             return [("text", [M.BOS] + enc(spec["prompt"]), 0), ("text", [M.VS], 0), ("img_noise", img)]
         return [("text", [M.BOS] + enc(spec["prompt"]) + [M.THINK], 0),
                 ("text", enc(world.plan_text(scene)) + [M.END_THINK, M.VS], 1.0), ("img_noise", img)]
-    if task in ("vqa", "judge", "region"):
+    if und:
         if own is not None and own["frac"] > 0 and rng.random() < own["frac"]:   # one of the model's own images
             j = int(rng.integers(len(own["specs"])))
             spec, img = own["specs"][j], own["images"][j]

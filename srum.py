@@ -170,7 +170,7 @@ def main(argv=None):
         draw_maps(ro, maps, Rtok, a, log)
         log.log(dict(phase="contrast", **{k: judge_rec[k] for k in ("weight_right", "weight_wrong", "contrast")}),
                 "map contrast: mean token weight %s on right candidates, %s on wrong ones: %sx"
-                % tuple("n/a" if judge_rec[k] is None else f"{judge_rec[k]:.3f}" for k in ("weight_right", "weight_wrong", "contrast")))
+                % tuple(evaluate.fmt_p(judge_rec[k]) for k in ("weight_right", "weight_wrong", "contrast")))
 
     # ---- 5. the regression: L = mean(R * ||v - (eps - x0)||^2) + lambda_c * mean(||v - (eps - x0)||^2)
     raw = policy.train()
@@ -232,15 +232,14 @@ def judge_vs_verifier(ro, g, regions, ro_per_s, a, log):
     s_j = np.array([s for r in regions for _, s in r]); s_i = np.array([s for r in reg_ideal for _, s in r])
     corr = lambda x, y: float(np.corrcoef(x, y)[0, 1]) if len(x) > 1 and x.std() > 0 and y.std() > 0 else None  # noqa: E731
     stats = R.reward_stats((g + 1) / 2)
-    fmt = lambda x: "n/a" if x is None else f"{x:.3f}"  # noqa: E731
     rec = dict(g_vs_correct=corr(g, correct), g_vs_ideal=corr(g, g_ideal),
                region_vs_ideal=corr(s_j, s_i) if len(s_j) == len(s_i) else None,
                region_sign_acc=float(np.mean((s_j > 0) == (s_i > 0))) if len(s_j) == len(s_i) and len(s_j) else None)
     log.log(dict(phase="candidates", n=len(g), rollouts_per_s=ro_per_s, reward=stats, hist=R.histogram((g + 1) / 2),
                  oracle_success=float(correct.mean()), switch_rate=float(np.mean(ro["switched"])), judge=rec),
             f"candidates: {len(g)} ({ro_per_s:.1f}/s) | global reward mean {stats['mean']:.3f} | oracle success "
-            f"{correct.mean():.3f} | judge vs verifier, corr: g {fmt(rec['g_vs_correct'])}, regions "
-            f"{fmt(rec['region_vs_ideal'])}")
+            f"{correct.mean():.3f} | judge vs verifier, corr: g {evaluate.fmt_p(rec['g_vs_correct'])}, regions "
+            f"{evaluate.fmt_p(rec['region_vs_ideal'])}")
     evaluate.histogram_png(R.histogram((g + 1) / 2), os.path.join(a["out"], "reward_hist.png"),
                            f"srum global reward (g + 1) / 2, judge {a['judge']}, {len(g)} candidates")
     return rec, stats, correct.astype(bool)

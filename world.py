@@ -934,8 +934,8 @@ def candidates(per_tag, rng):
 # The tags whose prompts compose objects, attributes, relations and numbers, as T2I-CompBench's
 # categories do (colour / binding, spatial, numeracy, complex): SRUM's paper trains on that
 # benchmark's training split. Left out: single_object (nothing to compose) and the three tags
-# that no image in pre-training teaches (counting_hard, knowledge, text), where the model's
-# own samples are almost never right, so its judgments have nothing to rank.
+# where the model's own samples are almost never right (counting_hard and knowledge, whose
+# images generation never trains on, and text), so its judgments have nothing to rank.
 COMPOSITIONAL = ["two_object", "counting", "colors", "position", "color_attr", "size", "color_count", "color_region"]
 
 
