@@ -44,13 +44,17 @@ from common import parse_args, Progress
 defaults = dict(ckpt="data/base", eval="data/eval.jsonl", out="runs/eval", n=50, k=4, batch=96,
                 sample_steps=25, cfg=4.0, shift=3.0, temperature=0.7, max_think=64, seed=0,
                 modes="think,forced", und=True, grid_cols=8, irg_max_think=80, unified=0, unified_steps=10,
-                encoder="data/base", clip="", auroc=0, captions=0, irg_keep=False)
+                encoder="data/base", clip="", auroc=0, captions=0, irg_keep=False, irg_cfg_text2=4.0, irg_cfg_img=2.0,
+                irg_oracle=False, irg_keep_p=0.0)
 # IRG inference (--modes irg), the upstream IRG eval script's settings (design.md section 4)
-# (think2 names the problem, then the whole layout: --irg_max_think, 80 as irg.py, bounds each think)
-irg_defaults = dict(temperature=0.3, cfg_text=4.0, cfg_img=2.0, cfg_lo1=0.4)
+# (think2 names the problem, then the whole layout: --irg_max_think, 80 as irg.py, bounds each think;
+# --irg_cfg_text2 / --irg_cfg_img: image2's guidance, as irg.py's --cfg_text2 / --cfg_img;
+# --irg_oracle: think2 written from the verifier's verdict instead of sampled, image2's ceiling: evaluate.oracle_think2;
+# --irg_keep_p TAU: keep image1 where the critic's P("the image is correct") >= TAU, as irg.py's --keep_p)
+irg_defaults = dict(temperature=0.3, cfg_text=4.0, cfg_lo1=0.4)
 ranges = dict(n=">= 1", k=">= 1", batch=">= 1", sample_steps=">= 1", cfg=">= 0", shift="> 0", temperature=">= 0",
               max_think=">= 1", grid_cols=">= 1", irg_max_think=">= 1", unified=">= 0", unified_steps=">= 1",
-              auroc=">= 0", captions=">= 0")
+              auroc=">= 0", captions=">= 0", irg_cfg_text2=">= 0", irg_cfg_img=">= 0", irg_keep_p="0..1")
 
 
 @torch.no_grad()
@@ -215,15 +219,17 @@ def evaluate_irg(model, ae, specs, a, device, out_dir=None, log=print):
     model.eval()
     jobs = [s for s in specs for _ in range(a["k"])]
     g = torch.Generator(device).manual_seed(a["seed"])
-    ok1, ok2, im1, im2, th1, th2, kept = [], [], [], [], [], [], []
+    ok1, ok2, im1, im2, th1, th2, kept, p_ok = [], [], [], [], [], [], [], []
     t0, prog = time.time(), Progress("eval irg", len(jobs))
     for i in range(0, len(jobs), a["batch"]):
         prog(i)
         chunk = jobs[i:i + a["batch"]]
-        out = M.irg_generate(model, ae, [world.encode(s["prompt"]) for s in chunk], a, world.PALETTE, g)
+        oracle = dict(think2_fn=oracle_think2(chunk, np.random.default_rng(a["seed"] + i))) if a.get("oracle") else {}
+        out = M.irg_generate(model, ae, [world.encode(s["prompt"]) for s in chunk], dict(a, **oracle), world.PALETTE, g)
         ok1 += [world.verify(s, x)["correct"] for s, x in zip(chunk, out["img1"])]
         ok2 += [world.verify(s, x)["correct"] for s, x in zip(chunk, out["img2"])]
         im1 += list(out["img1"]); im2 += list(out["img2"]); kept += out["kept"].tolist()
+        p_ok += [] if out["p_ok"] is None else out["p_ok"].tolist()
         th1 += [world.decode(t) for t in out["think1"]]; th2 += [world.decode(t) for t in out["think2"]]
     ok1, ok2 = np.array(ok1), np.array(ok2)
     # the reflection as a critic: how often think2 calls image1 right, given what the verifier says
@@ -231,12 +237,21 @@ def evaluate_irg(model, ae, specs, a, device, out_dir=None, log=print):
     tags = [t for t in world.TAGS if any(s["tag"] == t for s in specs)]
     tag_of = np.array([s["tag"] for s in jobs])
     per_tag = {t: (float(ok1[tag_of == t].mean()), float(ok2[tag_of == t].mean())) for t in tags}
+    mean_tags = lambda ok: float(np.mean([ok[tag_of == t].mean() for t in tags]))  # noqa: E731
+    # the critic scored (model.critic_p): does P(think2 begins "the image is correct") separate right from
+    # wrong image1s (AUROC), and, where every image2 is a redraw (no keep rule), what image2 would be if
+    # image1 were kept wherever that probability is >= tau
+    p_ok = np.array(p_ok) if len(p_ok) == len(jobs) else None
+    redraws = not a.get("keep_ids") and not a.get("keep_p")
+    critic = dict(critic_auroc=auroc(p_ok, ok1) if p_ok is not None else None,
+                  keep_curve={str(tau): mean_tags(np.where(p_ok >= tau, ok1, ok2)) for tau in KEEP_TAUS}
+                  if p_ok is not None and redraws else None)
     res = dict(image1=float(np.mean([per_tag[t][0] for t in tags])), image2=float(np.mean([per_tag[t][1] for t in tags])),
                fix=float(ok2[~ok1].mean()) if (~ok1).any() else None, n_wrong1=int((~ok1).sum()),
                **{"break": float((~ok2[ok1]).mean()) if ok1.any() else None}, n_right1=int(ok1.sum()),
                per_tag=per_tag, n=len(jobs), per_s=len(jobs) / (time.time() - t0), kept=float(np.mean(kept)),
                ok_if_right=float(says_ok[ok1].mean()) if ok1.any() else None,
-               ok_if_wrong=float(says_ok[~ok1].mean()) if (~ok1).any() else None,
+               ok_if_wrong=float(says_ok[~ok1].mean()) if (~ok1).any() else None, **critic,
                examples=[dict(prompt=jobs[i]["prompt"], think1=th1[i], think2=th2[i], right1=bool(ok1[i]),
                               right2=bool(ok2[i])) for i in range(0, len(jobs), max(1, len(jobs) // 12))])
     lines = [f"{'tag':15s} {'image1':>8s} {'image2':>8s}"] + [f"{t:15s} {per_tag[t][0]:8.3f} {per_tag[t][1]:8.3f}" for t in tags]
@@ -244,7 +259,10 @@ def evaluate_irg(model, ae, specs, a, device, out_dir=None, log=print):
               f"fix (image2 right | image1 wrong): {res['fix']}  break (image2 wrong | image1 right): {res['break']}"
               + (f"  kept image1: {res['kept']:.3f}" if a.get("keep_ids") else ""),
               f"think2 says image1 is right: {fmt_p(res['ok_if_right'])} of the right ones, "
-              f"{fmt_p(res['ok_if_wrong'])} of the wrong ones"]
+              f"{fmt_p(res['ok_if_wrong'])} of the wrong ones; critic AUROC {fmt_p(res['critic_auroc'])}"]
+    if res["keep_curve"]:
+        lines.append("image2 if image1 were kept where P(correct) >= tau: "
+                     + ", ".join(f"{t} {v:.3f}" for t, v in res["keep_curve"].items()))
     res["table"] = "\n".join(lines)
     log(res["table"])
     if out_dir:
@@ -255,6 +273,25 @@ def evaluate_irg(model, ae, specs, a, device, out_dir=None, log=print):
         with open(os.path.join(out_dir, "summary.json"), "w") as f:
             json.dump(res, f, indent=1)
     return res
+
+
+KEEP_TAUS = (0.5, 0.3, 0.2, 0.1, 0.05)
+
+
+def oracle_think2(chunk, rng):
+    """--irg_oracle: think2 is not sampled but written from the verifier's verdict on image1, as IRGL's
+    self records are (right: "the image is correct . redraw : <its layout>"; wrong: what is wrong, then
+    the layout of a render of the prompt). The image2 it leads to is the drawer's ceiling: what image2
+    would be if the reflection were perfect."""
+    def fn(imgs):
+        out = []
+        for s, im in zip(chunk, imgs):
+            v = world.verify(s, im)
+            t = (f"{v['problem']} . redraw : {world.caption(v['objects'])}" if v["correct"] else
+                 world.reflection_text(s, v, world.render(s, rng, holdout="any")[1]))
+            out.append(world.encode(t) + [M.END_THINK, M.VS])
+        return out
+    return fn
 
 
 def irg_grid(rows, path):
@@ -465,7 +502,9 @@ def main(argv=None):
     print(f"evaluating {a['ckpt']} (step {meta.get('step')}) on {len(specs)} prompts x {a['k']} images")
     if "irg" in a["modes"].split(","):       # the IRG sampler's own settings (not --temperature etc.)
         keep = world.encode(world.PROBLEMS["ok"]) if a["irg_keep"] else None     # --irg_keep: see model.irg_generate
-        evaluate_irg(model, ae, specs, dict(a, **irg_defaults, max_think=a["irg_max_think"], keep_ids=keep), device,
+        evaluate_irg(model, ae, specs, dict(a, **irg_defaults, max_think=a["irg_max_think"], keep_ids=keep,
+                                            cfg_text2=a["irg_cfg_text2"], cfg_img=a["irg_cfg_img"], oracle=a["irg_oracle"],
+                                            ok_ids=world.encode(world.PROBLEMS["ok"]), keep_p=a["irg_keep_p"]), device,
                      os.path.join(a["out"], "irg"))
     summary = evaluate(model, ae, specs, dict(a, modes=a["modes"].replace("irg", "")), device, a["out"])
     if a["unified"]:

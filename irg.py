@@ -22,13 +22,21 @@ Inference (irg_generate; the upstream IRG eval script's settings, design.md sect
                 cond        <bos> P <think> T1 </think> <vs> [image1] <ve> <think> T2 </think> <vs>
                 text-uncond <bos> P <think> T1 </think> <vs> [image1] <ve> <vs>       (think2 dropped)
                 img-uncond  <bos> P <think> T1 </think> <think> T2 </think> <vs>      (image1 dropped)
-              combined as BAGEL does (cfg_combine), text CFG 4 and image CFG 2 on t in [0, 1].
+              combined as BAGEL does (cfg_combine), text CFG 4 and image CFG 2 on t in [0, 1] (upstream's;
+              --cfg_text2 sets image2's text CFG apart from image1's. Measured on v3 (RESULTS.md, "IRG on
+              v3, session 8"): --cfg_text2 2 --cfg_img 1 draws image2 better than upstream's 4 / 2, with the
+              model's own reflection and with the verifier's (evaluate.py --irg_oracle))
   Only image2's noisy tokens run at each step; they never enter a cache.
   --keep (an inference option; off = upstream, which always redraws): where think2 begins "the image
   is correct", image2 is image1, as IRGL's keep records teach: a right image is not put at risk.
+  --keep_p TAU: the same, decided by the critic's probability P(think2 begins "the image is correct")
+  (model.critic_p) >= TAU instead of by the sampled think2. Every eval reports that probability's AUROC
+  against the verifier (critic_auroc): how well the reflection judges image1.
 
 IRGL (training). Data from the world, on training prompts only (world.candidates never draws an eval
-prompt; knowledge and counts 5-6 are left out as in pre-training: their images test transfer):
+prompt). --tags image (default): knowledge and counts 5-6 are left out as in pre-training, where their
+images test transfer; --tags all: every tag, as RWR's mined prompts (a knowledge record's think1 is the
+plan that names the noun's colour and shape, its image a render):
   initial records    (P, think1 = world.plan_text(scene), image = a render of that scene)
   improving records  (P, think1, image1, think2, image2) from two sources:
      self    image1 the model itself drew (steps 1-2 above, on the base), judged by the exact verifier;
@@ -68,7 +76,8 @@ what carries a loss (CE = text cross-entropy, MSE = flow-matching velocity loss)
   v = eps - x0. Upstream trains at shift 4.0; the default here is 1.0, the base's pre-training shift:
   at 4.0 (median t 0.8) image2 kept the layout of a right image1 but changed 6% of its pixels and
   broke half of the right images it was told to keep (RESULTS.md, "IRG"): copying is low-t detail.
-  Losses: mean CE over the batch's CE tokens + mean MSE over its noise tokens.
+  Losses: mean CE over the batch's CE tokens + mean MSE over its noise tokens (image_loss; --img2_w
+  weighs image2's MSE apart from image1's, 1 = upstream).
   AdamW (0.9, 0.95), constant LR after a short warmup, grad clip 1, one optimiser through both stages.
   --ema DECAY (0 = off): the evals and the checkpoint read an exponential moving average of the weights
   (runs.ema_step), which averages the noise of IRGL's small batches (RESULTS.md, "IRG on v2, session 7":
@@ -96,30 +105,31 @@ defaults = dict(
     ckpt="data/base", out="runs/irg", seed=0, resume=False, overwrite=False, report="",
     # IRGL data: prompts per tag (training prompts only), self-drawn image1s per prompt, flaws per prompt,
     # initial renders per prompt, candidate renders for "nearest to image1"
-    n_prompts=24, N=1, n_flaw=1, n_edit=1, n_init=2, near=8,
+    n_prompts=24, N=1, n_flaw=1, n_edit=1, n_init=2, near=8, tags="image",
     # inference (upstream IRG eval script)
-    temperature=0.3, max_think=80, sample_steps=25, cfg_text=4.0, cfg_img=2.0, cfg_lo1=0.4, cfg_lo2=0.0, shift=3.0,
+    temperature=0.3, max_think=80, sample_steps=25, cfg_text=4.0, cfg_text2=4.0, cfg_img=2.0, cfg_lo1=0.4, cfg_lo2=0.0, shift=3.0,
     keep=False,         # a think2 of "the image is correct ..." keeps image1 as image2 (off: always redraw, upstream)
+    keep_p=0.0,         # > 0: keep image1 where P(think2 begins "the image is correct") >= keep_p (model.critic_p)
     gen_batch=60,
     # IRGL
-    stage1_steps=300, stage2_steps=100, batch=16, lr=1e-4, warmup=10, clip=1.0, t_shift=1.0, cfg_drop=0.1,
+    stage1_steps=300, stage2_steps=100, batch=16, lr=1e-4, warmup=10, clip=1.0, t_shift=1.0, cfg_drop=0.1, img2_w=1.0,
     ckpt_every=25, ema=0.0,
     # evaluation on the held-out eval set: eval_n prompts per tag, eval_k images each
     eval_n=10, eval_k=1, dtype="fp32",
 )
-choices = dict(dtype=("fp32", "bf16"))
+choices = dict(dtype=("fp32", "bf16"), tags=("image", "all"))
 ranges = dict(n_prompts=">= 1", N=">= 0", n_flaw=">= 0", n_edit=">= 0", n_init=">= 1", near=">= 1", temperature=">= 0",
-              max_think=">= 1", sample_steps=">= 1", cfg_text=">= 0", cfg_img=">= 0", cfg_lo1="0..1", cfg_lo2="0..1", shift="> 0",
+              max_think=">= 1", sample_steps=">= 1", cfg_text=">= 0", cfg_text2=">= 0", cfg_img=">= 0", cfg_lo1="0..1", cfg_lo2="0..1", shift="> 0", keep_p="0..1",
               gen_batch=">= 1", stage1_steps=">= 0", stage2_steps=">= 0", batch=">= 1", lr="> 0", warmup=">= 0",
-              clip="> 0", t_shift="> 0", cfg_drop="0..1", ckpt_every=">= 1", eval_n=">= 1", eval_k=">= 1", ema="0..1")
+              clip="> 0", t_shift="> 0", cfg_drop="0..1", img2_w=">= 0", ckpt_every=">= 1", eval_n=">= 1", eval_k=">= 1", ema="0..1")
 MODES = ("initial_full", "initial_thinking_gen", "initial_thinking_und",
          "improving_full", "improving_thinking_gen", "improving_thinking_und")
 STAGE_WEIGHTS = {1: dict(initial_full=1.0, improving_full=1.0, initial_thinking_gen=0.5, improving_thinking_gen=0.5,
                          initial_thinking_und=0.5, improving_thinking_und=0.5),
                  2: dict(initial_full=1.0, improving_full=1.0)}
 # settings that make the IRGL data and the base's evals: a --resume must match them (runs.saved_rollouts)
-MADE_WITH = ("ckpt", "seed", "n_prompts", "N", "n_flaw", "n_edit", "n_init", "near", "temperature", "max_think", "sample_steps",
-             "cfg_text", "cfg_img", "cfg_lo1", "cfg_lo2", "shift", "keep", "eval_n", "eval_k")
+MADE_WITH = ("ckpt", "seed", "n_prompts", "tags", "N", "n_flaw", "n_edit", "n_init", "near", "temperature", "max_think", "sample_steps",
+             "cfg_text", "cfg_text2", "cfg_img", "cfg_lo1", "cfg_lo2", "shift", "keep", "keep_p", "eval_n", "eval_k")
 IMAGE_TAGS = [t for t in world.TAGS if t not in ("knowledge", "counting_hard")]   # pre-training's image tags
 
 
@@ -131,8 +141,9 @@ from model import cfg_combine, draw_first, img_uncond_ids, irg_generate  # noqa:
 
 
 def sampler(a):
-    s = {k: a[k] for k in ("temperature", "max_think", "sample_steps", "cfg_text", "cfg_img", "cfg_lo1", "cfg_lo2", "shift")}
-    return dict(s, keep_ids=world.encode(world.PROBLEMS["ok"]) if a["keep"] else None)
+    s = {k: a[k] for k in ("temperature", "max_think", "sample_steps", "cfg_text", "cfg_text2", "cfg_img", "cfg_lo1", "cfg_lo2", "shift")}
+    ok = world.encode(world.PROBLEMS["ok"])
+    return dict(s, keep_ids=ok if a["keep"] else None, ok_ids=ok, keep_p=a["keep_p"])
 
 
 # ----------------------------------------------------------------------------- IRGL data
@@ -182,10 +193,13 @@ def edit_flaw(spec, scene, rng):
 
 
 def train_specs(a):
-    """Training prompts: world.candidates (never an eval prompt), image tags of pre-training only,
-    no held-out composition (those are for the eval, as in pre-training)."""
+    """Training prompts: world.candidates (never an eval prompt), no held-out composition (those are
+    for the eval, as in pre-training). --tags image: pre-training's image tags only; --tags all: also
+    knowledge and counting_hard, the tags whose images pre-training never drew (RWR's mined prompts
+    reach them too)."""
     pool = world.candidates(a["n_prompts"], np.random.default_rng(20_000 + a["seed"]))
-    return [s for s in pool if s["tag"] in IMAGE_TAGS and not world.uses_heldout(s)]
+    tags = IMAGE_TAGS if a["tags"] == "image" else world.TAGS
+    return [s for s in pool if s["tag"] in tags and not world.uses_heldout(s)]
 
 
 def build_irgl(model, ae, specs, a, device, log):
@@ -337,7 +351,7 @@ def main(argv=None):
         stage = 1 if step < s1 else 2
         t_step = time.time()
         modes = pick_modes(stage, per, rng)
-        samples, x0s = [], []
+        samples, x0s, w_img = [], [], []
         for mode in modes:
             if mode.startswith("initial"):
                 j = int(rng.integers(len(initial)))
@@ -349,6 +363,7 @@ def main(argv=None):
                 x0 = z_img2[j]
             samples.append(segs)
             x0s.append(x0 if img else None)
+            w_img.append(1.0 if mode.startswith("initial") else a["img2_w"])
         # flow matching on the samples that carry an image loss: x_t = (1 - t) x0 + t eps, t = shift(sigmoid(randn))
         has = [i for i, x in enumerate(x0s) if x is not None]
         x0 = torch.stack([x0s[i] for i in has]).to(device) if has else torch.zeros(0, M.N_IMG, raw.c.latent_ch, device=device)
@@ -360,7 +375,7 @@ def main(argv=None):
             ce, v = M.token_losses(model, b)
         n_ce = all_sum(float((b["lw"] > 0).sum())).item()
         loss_txt = (ce * b["lw"]).sum() / max(n_ce, 1) * world_size      # mean CE over the batch's CE tokens
-        loss_img = ((v.view_as(x0) - (eps - x0)) ** 2).mean() if has else v.sum() * 0   # mean MSE over its noise tokens
+        loss_img = image_loss(v.view_as(x0), eps, x0, [w_img[i] for i in has]) if has else v.sum() * 0
         loss = loss_txt + loss_img
         gn = update(opt, loss, raw.parameters(), a["clip"], f"step {step + 1}")   # backward, clip, finite check, step
         sched.step()
@@ -387,6 +402,16 @@ def main(argv=None):
     teardown_dist()
 
 
+def image_loss(v, eps, x0, w):
+    """Flow matching's MSE, v against eps - x0, averaged over the noise tokens; w: a weight per sample
+    (1 for image1's targets, --img2_w for image2's; all 1 is the plain mean). With --img2_w 0 image2 is
+    never a target: IRGL then trains image2's drawer only through what the text losses change."""
+    mse = (v - (eps - x0)) ** 2
+    if all(x == 1.0 for x in w):
+        return mse.mean()
+    return (mse.mean((1, 2)) * torch.tensor(w, device=v.device, dtype=mse.dtype)).mean()
+
+
 def stage_eval(raw, ae, specs, ia, device, a, name, log):
     """The IRG eval at the end of stage 1, saved so that a resumed run does not redo it (its weights are gone)."""
     f = os.path.join(a["out"], name, "summary.json")
@@ -403,10 +428,12 @@ def irg_eval(model, ae, specs, ia, device, a, name, log):
     t0 = time.time()
     res = evaluate.evaluate_irg(model, ae, specs, ia, device, os.path.join(a["out"], name), log=lambda *_: None)
     log.log(dict(phase=name, image1=res["image1"], image2=res["image2"], fix=res["fix"], brk=res["break"],
-                 ok_if_right=res["ok_if_right"], ok_if_wrong=res["ok_if_wrong"], kept=res["kept"], seconds=time.time() - t0),
+                 ok_if_right=res["ok_if_right"], ok_if_wrong=res["ok_if_wrong"], critic_auroc=res["critic_auroc"],
+                 kept=res["kept"], seconds=time.time() - t0),
             f"{name}: image1 {res['image1']:.3f} image2 {res['image2']:.3f} fix {evaluate.fmt_p(res['fix'])} "
             f"break {evaluate.fmt_p(res['break'])}; think2 calls image1 right for {evaluate.fmt_p(res['ok_if_right'])} "
-            f"of the right, {evaluate.fmt_p(res['ok_if_wrong'])} of the wrong ({time.time() - t0:.0f}s)")
+            f"of the right, {evaluate.fmt_p(res['ok_if_wrong'])} of the wrong; critic AUROC {evaluate.fmt_p(res['critic_auroc'])} "
+            f"({time.time() - t0:.0f}s)")
     return res
 
 
@@ -417,6 +444,9 @@ def write_summary(a, before, base_irg, stage1, final, log):
         if r is not None:
             rows.append((name, r["image1"], r["image2"], r["fix"], r["break"], r["per_tag"]))
     summary = {name: dict(image1=i1, image2=i2, fix=fx, brk=bk, per_tag=pt) for name, i1, i2, fx, bk, pt in rows}
+    for name, r in (("base, IRG inference", base_irg), ("IRGL stage 1", stage1), ("IRGL stages 1+2", final)):
+        if r is not None:       # the reflection as a critic (evaluate.evaluate_irg): AUROC of P("the image is correct")
+            summary[name]["critic_auroc"] = r.get("critic_auroc")
     atomic_write(os.path.join(a["out"], "summary.json"), json.dumps(dict(seed=a["seed"], rows=summary), indent=1))
     tags = list(before["per_tag"])
     f = lambda x: "" if x is None else f"{x:.3f}"  # noqa: E731
@@ -444,15 +474,16 @@ def report(root):
     names = list(runs_[0]["rows"])
     tags = list(runs_[0]["rows"][names[0]]["per_tag"])
     lines = [f"{len(runs_)} seeds ({', '.join(str(r['seed']) for r in runs_)}); median ± half the range", "",
-             "| | overall | fix | break | per seed |", "|---|---|---|---|---|"]
+             "| | overall | fix | break | critic AUROC | per seed |", "|---|---|---|---|---|---|"]
     for n in names:
         for k, which in ((0, "image1"), (1, "image2")):
             vals = [r["rows"][n][which] for r in runs_ if n in r["rows"] and r["rows"][n][which] is not None]
             if vals:
                 fx = [r["rows"][n]["fix"] for r in runs_ if n in r["rows"] and r["rows"][n]["fix"] is not None]
                 bk = [r["rows"][n]["brk"] for r in runs_ if n in r["rows"] and r["rows"][n]["brk"] is not None]
+                au = [r["rows"][n]["critic_auroc"] for r in runs_ if n in r["rows"] and r["rows"][n].get("critic_auroc") is not None]
                 lines.append(f"| {n}: {which} | {fmt(vals)} | {fmt(fx) if k and fx else ''} | "
-                             f"{fmt(bk) if k and bk else ''} | {', '.join(f'{v:.3f}' for v in vals)} |")
+                             f"{fmt(bk) if k and bk else ''} | {fmt(au) if k and au else ''} | {', '.join(f'{v:.3f}' for v in vals)} |")
     lines += ["", "| | " + " | ".join(tags) + " |", "|---" * (len(tags) + 1) + "|"]
     for n in names:
         for k, which in ((0, "image1"), (1, "image2")):

@@ -794,6 +794,15 @@ def noise_velocity(model, cache, x, t):
     return model.velocity(model(b, cache))
 
 
+def force_text(model, cache, seqs):
+    """Teacher-force ragged token lists into the cache, one column at a time as decode_text writes
+    its samples (a row that has ended is not live)."""
+    dev = cache.pos.device
+    for j in range(max(len(x) for x in seqs)):
+        live = torch.tensor([len(x) > j for x in seqs], device=dev)
+        append_text(model, cache, torch.tensor([[x[j] if len(x) > j else PAD] for x in seqs], device=dev), live)
+
+
 def force_switch(model, cache, toks):
     """Rows that stopped without <|vision_start|> (hit <eos> or the length cap) are switched by force."""
     sw = torch.tensor([len(t) > 0 and t[-1] == VS for t in toks], device=cache.pos.device)
@@ -820,11 +829,15 @@ def draw_first(model, ae, prompts, s, palette, generator=None):
 @torch.no_grad()
 def irg_generate(model, ae, prompts, s, palette, generator=None):
     """The whole IRG pipeline, batched and KV-cached. prompts: list of id lists; s: the sampler
-    settings (temperature, max_think, sample_steps, cfg_text, cfg_img, cfg_lo1, shift; optional
+    settings (temperature, max_think, sample_steps, cfg_text, cfg_img, cfg_lo1, shift; optional cfg_text2:
+    image2's text CFG where it differs from image1's; optional think2_fn: image1 pixels -> the think2
+    token lists to teacher-force instead of sampling them; optional
     keep_ids: a think2 that begins with these ids keeps image1 as image2); palette: the AE's
     decoding palette (palette).
+    optional ok_ids: score P(think2 begins with them) (critic_p); optional keep_p: keep image1 where that
+    probability is >= keep_p, whatever think2 was sampled (instead of keep_ids' rule).
     Returns dict(think1, think2 (token lists), switched1, switched2, z1, z2, img1, img2 (uint8 numpy),
-    kept [B] bool)."""
+    kept [B] bool, p_ok [B] or None)."""
     dev = next(model.parameters()).device
     B = len(prompts)
     cache, t1, sw1, z1, img1, zc = draw_first(model, ae, prompts, s, palette, generator)
@@ -832,7 +845,14 @@ def irg_generate(model, ae, prompts, s, palette, generator=None):
     append_text(model, cache, torch.full((B, 1), VE, device=dev))
     text_unc = fork(cache)
     logits = append_text(model, cache, torch.full((B, 1), THINK, device=dev))
-    t2, _ = decode_text(model, cache, logits, {VS, EOS}, s["max_think"], s["temperature"], generator)
+    if s.get("keep_p") and not s.get("ok_ids"):
+        raise ValueError("keep_p needs ok_ids (the ids of \"the image is correct\") to score the critic")
+    p_ok = critic_p(model, cache, logits, s["ok_ids"]) if s.get("ok_ids") else None
+    if s.get("think2_fn") is None:
+        t2, _ = decode_text(model, cache, logits, {VS, EOS}, s["max_think"], s["temperature"], generator)
+    else:       # a given think2 per row, from image1's pixels (evaluate.py --irg_oracle: the verifier's reflection)
+        t2 = [list(t) for t in s["think2_fn"](img1.cpu().numpy())]
+        force_text(model, cache, t2)
     sw2 = force_switch(model, cache, t2)
     append_text(model, text_unc, torch.full((B, 1), VS, device=dev))
     # the img-uncond context: all the text, no image (image1 dropped with its <vs> ... <ve>)
@@ -841,22 +861,39 @@ def irg_generate(model, ae, prompts, s, palette, generator=None):
     c = model.c
     x = torch.randn(B, c.n_img, c.latent_ch, device=dev, generator=generator)
     ts = shift_t(torch.linspace(1, 0, s["sample_steps"] + 1), s["shift"]).tolist()
-    guided = s["cfg_text"] != 1.0 or s["cfg_img"] != 1.0
+    ct2 = s.get("cfg_text2", s["cfg_text"])                       # image2's text CFG (default: image1's)
+    guided = ct2 != 1.0 or s["cfg_img"] != 1.0
     for i in range(s["sample_steps"]):
         t, dt = ts[i], ts[i] - ts[i + 1]
         v = noise_velocity(model, cache, x, t)
         if guided and t >= s.get("cfg_lo2", 0.0):
-            v = cfg_combine(v, noise_velocity(model, text_unc, x, t), noise_velocity(model, img_unc, x, t), s["cfg_text"], s["cfg_img"])
+            v = cfg_combine(v, noise_velocity(model, text_unc, x, t), noise_velocity(model, img_unc, x, t), ct2, s["cfg_img"])
         x = x - v * dt                                            # v = eps - x0: step toward the data
     img2 = ae.decode(x, palette)
     # keep (an inference option, off upstream): where the model's own reflection says image1 is right,
     # image2 is image1, as IRGL's keep records teach, instead of a redraw that can break it
     keep = s.get("keep_ids") or []
     kept = torch.tensor([bool(keep) and list(t[:len(keep)]) == list(keep) for t in t2], device=dev)
+    if s.get("keep_p"):     # keep_p: keep where the critic's P(think2 begins "the image is correct") >= keep_p
+        kept = p_ok >= s["keep_p"]
     x = torch.where(kept[:, None, None], z1, x)
     img2 = torch.where(kept[:, None, None, None], img1, img2)
     return dict(think1=t1, think2=t2, switched1=sw1, switched2=sw2, z1=z1, z2=x,
-                img1=img1.cpu().numpy(), img2=img2.cpu().numpy(), kept=kept.cpu().numpy())
+                img1=img1.cpu().numpy(), img2=img2.cpu().numpy(), kept=kept.cpu().numpy(),
+                p_ok=None if p_ok is None else p_ok.cpu().numpy())
+
+
+@torch.no_grad()
+def critic_p(model, cache, logits, ids):
+    """The reflection as a scored critic: P(think2 begins with ids | everything through image1), at
+    temperature 1 (ids: "the image is correct"); logits: the next-token logits after <think>. Scored on
+    a fork of the cache, which it leaves as it was."""
+    c, lp = fork(cache), torch.zeros(logits.shape[0], device=logits.device)
+    for j, tok in enumerate(ids):
+        lp += torch.log_softmax(logits.float(), -1)[:, tok]
+        if j + 1 < len(ids):
+            logits = append_text(model, c, torch.full((logits.shape[0], 1), tok, device=logits.device))
+    return lp.exp()
 
 
 def img_uncond_ids(p, t1, t2):

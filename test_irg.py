@@ -46,7 +46,8 @@ def next_greedy(m, segs):
 def test_cached_irg_equals_full_recompute():
     m, ae = tiny_pair()
     prompts = [world.encode("a photo of a red circle"), world.encode("a photo of two blue squares and a cross")]
-    s = dict(temperature=0.0, max_think=5, sample_steps=3, cfg_text=4.0, cfg_img=2.0, cfg_lo1=0.4, shift=3.0)
+    # image2's text CFG (cfg_text2) differs from image1's: each image must use its own
+    s = dict(temperature=0.0, max_think=5, sample_steps=3, cfg_text=4.0, cfg_text2=2.0, cfg_img=2.0, cfg_lo1=0.4, shift=3.0)
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
         out = irg.irg_generate(m, ae, prompts, s, world.PALETTE, g)
@@ -86,7 +87,7 @@ def test_cached_irg_equals_full_recompute():
             for i in range(s["sample_steps"]):
                 t, dt = ts[i], ts[i] - ts[i + 1]
                 v = irg.cfg_combine(v_full(m, cond, x, t), v_full(m, text_unc, x, t), v_full(m, img_unc, x, t),
-                                    s["cfg_text"], s["cfg_img"])
+                                    s["cfg_text2"], s["cfg_img"])
                 x = x - v * dt
             assert torch.allclose(x, out["z2"][r], atol=1e-4), (x - out["z2"][r]).abs().max()
 
@@ -108,6 +109,59 @@ def test_keep_copies_image1_exactly_where_think2_says_so():
     for i in range(len(prompts)):
         assert np.array_equal(on["img1"][i], off["img1"][i])
         assert np.array_equal(on["img2"][i], on["img1"][i] if want[i] else off["img2"][i])
+
+
+def test_forced_think2_equals_the_same_tokens_sampled_and_the_oracle_is_the_verifiers_verdict(tiny_ckpt, tmp_path):
+    """think2_fn (evaluate --irg_oracle) teacher-forces think2: given the tokens greedy decoding wrote,
+    image2 is the same to the bit; and the oracle's think2 says "correct" exactly where the verifier does."""
+    m, ae = tiny_pair()
+    prompts = [world.encode("a photo of a red circle"), world.encode("a photo of two blue squares")]
+    s = dict(irg.defaults, sample_steps=2, max_think=6, temperature=0.0)
+    run = lambda extra: M.irg_generate(m, ae, prompts, dict(irg.sampler(s), **extra), world.PALETTE,  # noqa: E731
+                                       torch.Generator().manual_seed(1))
+    free = run({})
+    forced = run(dict(think2_fn=lambda imgs: [t if t[-1] == M.VS else t + [M.VS] for t in free["think2"]]))
+    assert torch.equal(forced["z2"], free["z2"])          # (a row the cap stopped gets the forced switch's <vs> either way)
+    assert np.array_equal(forced["img1"], free["img1"])
+    other = run(dict(think2_fn=lambda imgs: [world.encode("the color is wrong . redraw : a large red circle at the center .")
+                                             + [M.END_THINK, M.VS]] * len(imgs)))
+    assert world.decode(other["think2"][0]).startswith("the color is wrong") and not torch.equal(other["z2"], free["z2"])
+    import evaluate
+    evaluate.main(["--ckpt", tiny_ckpt, "--modes", "irg", "--n", "2", "--k", "1", "--sample_steps", "2", "--irg_max_think", "4",
+                   "--und", "0", "--irg_oracle", "1", "--out", str(tmp_path)])
+    r = json.load(open(tmp_path / "irg" / "summary.json"))
+    assert r["ok_if_wrong"] == 0.0 and r["ok_if_right"] in (None, 1.0)
+
+
+def test_critic_p_is_the_uncached_probability_and_keep_p_keeps_exactly_above_it():
+    """p_ok (model.critic_p) = P(think2 begins with ok_ids | through image1), recomputed uncached token by
+    token; keep_p keeps image1 exactly where p_ok >= keep_p and leaves the other rows' redraws as they were."""
+    m, ae = tiny_pair()
+    prompts = [world.encode("a photo of a red circle"), world.encode("a photo of two blue squares"), world.encode("a green cross")]
+    ok = world.encode(world.PROBLEMS["ok"])
+    s = dict(irg.defaults, sample_steps=2, max_think=5, temperature=0.0)
+    run = lambda extra: M.irg_generate(m, ae, prompts, dict(irg.sampler(s), **extra), world.PALETTE,  # noqa: E731
+                                       torch.Generator().manual_seed(2))
+    off = run(dict(ok_ids=ok))
+    for r, p in enumerate(prompts):
+        ctx = [M.BOS] + p + [M.THINK] + off["think1"][r]
+        ctx = ctx if ctx[-1] == M.VS else ctx + [M.VS]
+        zc = ae.encode(torch.as_tensor(off["img1"][r:r + 1]))[0]
+        tail, lp = [M.VE, M.THINK], 0.0
+        for tok in ok:
+            with torch.no_grad():
+                h, _ = full(m, [("text", ctx, 0), ("clean", zc), ("text", tail, 0)])
+            lp += float(torch.log_softmax(m.logits(h[-1]).float(), -1)[tok])
+            tail = tail + [tok]
+        assert abs(lp - np.log(off["p_ok"][r])) < 1e-3, (lp, np.log(off["p_ok"][r]))     # log: p is ~1e-8 here
+    tau = float(np.median(off["p_ok"]))
+    on = run(dict(ok_ids=ok, keep_p=tau))
+    want = off["p_ok"] >= tau
+    assert (on["kept"] == want).all() and want.any() and not want.all()
+    for i in range(len(prompts)):
+        assert np.array_equal(on["img2"][i], on["img1"][i] if want[i] else off["img2"][i])
+    with pytest.raises(ValueError, match="keep_p needs ok_ids"):
+        M.irg_generate(m, ae, prompts, dict(irg.sampler(s), ok_ids=None, keep_p=0.5), world.PALETTE)
 
 
 def test_cfg_combine_is_bagels_nesting():
@@ -214,6 +268,17 @@ def test_cfg_dropout_gives_the_inference_uncond_contexts():
     assert b["ids"][0].tolist() == irg.img_uncond_ids(P[1:-1], imp["t1"], imp["t2"]) and (b["kind"] == M.CLEAN).sum() == 0
 
 
+def test_image_loss_weighs_image2_apart():
+    torch.manual_seed(0)
+    v, eps, x0 = torch.randn(3, 16, 4), torch.randn(3, 16, 4), torch.randn(3, 16, 4)
+    per = ((v - (eps - x0)) ** 2).mean((1, 2))
+    assert torch.allclose(irg.image_loss(v, eps, x0, [1.0, 1.0, 1.0]), per.mean())
+    assert torch.allclose(irg.image_loss(v, eps, x0, [1.0, 0.0, 1.0]), (per[0] + per[2]) / 3)
+    v.requires_grad_(True)
+    irg.image_loss(v, eps, x0, [1.0, 0.0, 0.5]).backward()
+    assert v.grad[1].abs().max() == 0 and v.grad[0].abs().min() > 0      # a weight-0 sample gets no gradient
+
+
 def test_stage2_draws_only_full_trajectories():
     rng = np.random.default_rng(0)
     m2 = irg.pick_modes(2, 4000, rng)
@@ -223,6 +288,23 @@ def test_stage2_draws_only_full_trajectories():
     freq = {k: float(np.mean(m1 == k)) for k in irg.MODES}    # upstream weights 1, 1, .5, .5, .5, .5 (sum 4)
     for k in irg.MODES:
         assert abs(freq[k] - irg.STAGE_WEIGHTS[1][k] / 4) < 0.01
+
+
+def test_tags_all_reaches_knowledge_and_counting_hard_and_never_an_eval_prompt():
+    a = dict(irg.defaults, n_prompts=6)
+    image, every = irg.train_specs(dict(a, tags="image")), irg.train_specs(dict(a, tags="all"))
+    assert {s["tag"] for s in image} == set(irg.IMAGE_TAGS)
+    assert {s["tag"] for s in every} == set(world.TAGS)
+    assert [s for s in every if s["tag"] in irg.IMAGE_TAGS] == image          # the image tags' prompts are unchanged
+    assert not {s["prompt"] for s in every} & world.eval_prompts()
+    # a knowledge record's think1 names what the noun looks like, and its render is right
+    rng = np.random.default_rng(0)
+    for s in [s for s in every if s["tag"] in ("knowledge", "counting_hard")]:
+        img, scene = world.render(s, rng, holdout="train")
+        assert world.verify(s, img)["correct"]
+        if s["tag"] == "knowledge":
+            color, shape = world.ALIASES[s["prompt"].split()[-1]]
+            assert f"{color} {shape}" in world.plan_text(scene)
 
 
 QUICK = ["--n_prompts", "1", "--N", "1", "--n_flaw", "1", "--n_init", "1", "--near", "2", "--batch", "4",
