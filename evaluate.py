@@ -250,6 +250,8 @@ def evaluate_irg(model, ae, specs, a, device, out_dir=None, log=print):
                fix=float(ok2[~ok1].mean()) if (~ok1).any() else None, n_wrong1=int((~ok1).sum()),
                **{"break": float((~ok2[ok1]).mean()) if ok1.any() else None}, n_right1=int(ok1.sum()),
                per_tag=per_tag, n=len(jobs), per_s=len(jobs) / (time.time() - t0), kept=float(np.mean(kept)),
+               per_prompt={p: (float(ok1[m].mean()), float(ok2[m].mean()))
+                           for p in dict.fromkeys(s["prompt"] for s in jobs) for m in [np.array([s["prompt"] == p for s in jobs])]},
                ok_if_right=float(says_ok[ok1].mean()) if ok1.any() else None,
                ok_if_wrong=float(says_ok[~ok1].mean()) if (~ok1).any() else None, **critic,
                examples=[dict(prompt=jobs[i]["prompt"], think1=th1[i], think2=th2[i], right1=bool(ok1[i]),

@@ -36,7 +36,8 @@ Inference (irg_generate; the upstream IRG eval script's settings, design.md sect
 IRGL (training). Data from the world, on training prompts only (world.candidates never draws an eval
 prompt). --tags image (default): knowledge and counts 5-6 are left out as in pre-training, where their
 images test transfer; --tags all: every tag, as RWR's mined prompts (a knowledge record's think1 is the
-plan that names the noun's colour and shape, its image a render):
+plan that names the noun's colour and shape, its image a render); --hold_nouns: with --tags all, half the
+knowledge nouns (HELD_NOUNS) stay out, so the eval tells trained nouns from nouns known only as text:
   initial records    (P, think1 = world.plan_text(scene), image = a render of that scene)
   improving records  (P, think1, image1, think2, image2) from two sources:
      self    image1 the model itself drew (steps 1-2 above, on the base), judged by the exact verifier;
@@ -105,7 +106,7 @@ defaults = dict(
     ckpt="data/base", out="runs/irg", seed=0, resume=False, overwrite=False, report="",
     # IRGL data: prompts per tag (training prompts only), self-drawn image1s per prompt, flaws per prompt,
     # initial renders per prompt, candidate renders for "nearest to image1"
-    n_prompts=24, N=1, n_flaw=1, n_edit=1, n_init=2, near=8, tags="image",
+    n_prompts=24, N=1, n_flaw=1, n_edit=1, n_init=2, near=8, tags="image", hold_nouns=False,
     # inference (upstream IRG eval script)
     temperature=0.3, max_think=80, sample_steps=25, cfg_text=4.0, cfg_text2=4.0, cfg_img=2.0, cfg_lo1=0.4, cfg_lo2=0.0, shift=3.0,
     keep=False,         # a think2 of "the image is correct ..." keeps image1 as image2 (off: always redraw, upstream)
@@ -128,7 +129,7 @@ STAGE_WEIGHTS = {1: dict(initial_full=1.0, improving_full=1.0, initial_thinking_
                          initial_thinking_und=0.5, improving_thinking_und=0.5),
                  2: dict(initial_full=1.0, improving_full=1.0)}
 # settings that make the IRGL data and the base's evals: a --resume must match them (runs.saved_rollouts)
-MADE_WITH = ("ckpt", "seed", "n_prompts", "tags", "N", "n_flaw", "n_edit", "n_init", "near", "temperature", "max_think", "sample_steps",
+MADE_WITH = ("ckpt", "seed", "n_prompts", "tags", "hold_nouns", "N", "n_flaw", "n_edit", "n_init", "near", "temperature", "max_think", "sample_steps",
              "cfg_text", "cfg_text2", "cfg_img", "cfg_lo1", "cfg_lo2", "shift", "keep", "keep_p", "eval_n", "eval_k")
 IMAGE_TAGS = [t for t in world.TAGS if t not in ("knowledge", "counting_hard")]   # pre-training's image tags
 
@@ -199,7 +200,13 @@ def train_specs(a):
     reach them too)."""
     pool = world.candidates(a["n_prompts"], np.random.default_rng(20_000 + a["seed"]))
     tags = IMAGE_TAGS if a["tags"] == "image" else world.TAGS
-    return [s for s in pool if s["tag"] in tags and not world.uses_heldout(s)]
+    held = HELD_NOUNS if a["hold_nouns"] else ()
+    return [s for s in pool if s["tag"] in tags and not world.uses_heldout(s) and s["prompt"].split()[-1] not in held]
+
+
+# --hold_nouns: knowledge nouns IRGL never trains on (every second one), so that the eval's knowledge
+# prompts split into nouns trained on and nouns whose look only pre-training's text facts give
+HELD_NOUNS = tuple(sorted(world.ALIASES)[1::2])
 
 
 def build_irgl(model, ae, specs, a, device, log):

@@ -297,6 +297,10 @@ def test_tags_all_reaches_knowledge_and_counting_hard_and_never_an_eval_prompt()
     assert {s["tag"] for s in every} == set(world.TAGS)
     assert [s for s in every if s["tag"] in irg.IMAGE_TAGS] == image          # the image tags' prompts are unchanged
     assert not {s["prompt"] for s in every} & world.eval_prompts()
+    held = irg.train_specs(dict(a, tags="all", hold_nouns=True))
+    nouns = lambda ss: {s["prompt"].split()[-1] for s in ss if s["tag"] == "knowledge"}  # noqa: E731
+    assert nouns(held) == nouns(every) - set(irg.HELD_NOUNS) and len(irg.HELD_NOUNS) == len(world.ALIASES) // 2
+    assert [s for s in held if s["tag"] != "knowledge"] == [s for s in every if s["tag"] != "knowledge"]
     # a knowledge record's think1 names what the noun looks like, and its render is right
     rng = np.random.default_rng(0)
     for s in [s for s in every if s["tag"] in ("knowledge", "counting_hard")]:
