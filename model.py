@@ -829,15 +829,17 @@ def draw_first(model, ae, prompts, s, palette, generator=None):
 @torch.no_grad()
 def irg_generate(model, ae, prompts, s, palette, generator=None):
     """The whole IRG pipeline, batched and KV-cached. prompts: list of id lists; s: the sampler
-    settings (temperature, max_think, sample_steps, cfg_text, cfg_img, cfg_lo1, shift; optional cfg_text2:
-    image2's text CFG where it differs from image1's; optional think2_fn: image1 pixels -> the think2
-    token lists to teacher-force instead of sampling them; optional
-    keep_ids: a think2 that begins with these ids keeps image1 as image2); palette: the AE's
-    decoding palette (palette).
-    optional ok_ids: score P(think2 begins with them) (critic_p); optional keep_p: keep image1 where that
-    probability is >= keep_p, whatever think2 was sampled (instead of keep_ids' rule).
+    settings (temperature, max_think, sample_steps, cfg_text, cfg_img, cfg_lo1, shift) and optionally:
+      cfg_text2  image2's text CFG where it differs from image1's
+      think2_fn  image1 pixels -> the think2 token lists to teacher-force instead of sampling them
+      keep_ids   a think2 that begins with these ids keeps image1 as image2
+      ok_ids     score P(think2 begins with them) (critic_p)
+      keep_p     keep image1 where that probability is >= keep_p, whatever think2 was sampled
+    palette: the AE's decoding palette (palette).
     Returns dict(think1, think2 (token lists), switched1, switched2, z1, z2, img1, img2 (uint8 numpy),
     kept [B] bool, p_ok [B] or None)."""
+    if s.get("keep_p") and not s.get("ok_ids"):
+        raise ValueError("keep_p needs ok_ids (the ids of \"the image is correct\") to score the critic")
     dev = next(model.parameters()).device
     B = len(prompts)
     cache, t1, sw1, z1, img1, zc = draw_first(model, ae, prompts, s, palette, generator)
@@ -845,8 +847,6 @@ def irg_generate(model, ae, prompts, s, palette, generator=None):
     append_text(model, cache, torch.full((B, 1), VE, device=dev))
     text_unc = fork(cache)
     logits = append_text(model, cache, torch.full((B, 1), THINK, device=dev))
-    if s.get("keep_p") and not s.get("ok_ids"):
-        raise ValueError("keep_p needs ok_ids (the ids of \"the image is correct\") to score the critic")
     p_ok = critic_p(model, cache, logits, s["ok_ids"]) if s.get("ok_ids") else None
     if s.get("think2_fn") is None:
         t2, _ = decode_text(model, cache, logits, {VS, EOS}, s["max_think"], s["temperature"], generator)
