@@ -497,10 +497,33 @@ def report(root):
             per = [r["rows"][n]["per_tag"] for r in runs_ if n in r["rows"]]
             if per and per[0][tags[0]][k] is not None:
                 lines.append(f"| {n}: {which} | " + " | ".join(fmt([p[t][k] for p in per]) for t in tags) + " |")
+    lines += held_noun_table(root)
     text = "\n".join(lines) + "\n"
     atomic_write(os.path.join(root, "report.md"), text)
     print(text)
     return runs_
+
+
+def held_noun_table(root):
+    """Runs made with --hold_nouns: knowledge accuracy on the nouns IRGL trained on against the nouns it
+    never saw (HELD_NOUNS), from the IRG evals' per-prompt results. Lines for report.md ([] otherwise)."""
+    dirs = [os.path.join(root, d) for d in sorted(os.listdir(root)) if os.path.exists(os.path.join(root, d, "summary.json"))]
+    if not dirs or not all(json.load(open(os.path.join(d, "config.json"))).get("hold_nouns") for d in dirs):
+        return []
+    out = ["", "knowledge (--hold_nouns): nouns IRGL trained on / nouns it never saw; median ± half the range", "",
+           "| | trained nouns | held-out nouns |", "|---|---|---|"]
+    for name, sub in (("base, IRG inference", "base_irg"), ("IRGL stage 1", "stage1_irg"), ("IRGL stages 1+2", "stage2_irg")):
+        for k, which in ((0, "image1"), (1, "image2")):
+            acc = {True: [], False: []}
+            for d in dirs:
+                per = json.load(open(os.path.join(d, sub, "summary.json")))["per_prompt"]
+                for held in (True, False):
+                    v = [r[k] for p, r in per.items() if p.split()[-1] in world.ALIASES and (p.split()[-1] in HELD_NOUNS) == held]
+                    if v:                           # an eval too small to ask for every noun may miss a group
+                        acc[held].append(float(np.mean(v)))
+            f = lambda v: f"{np.median(v):.3f} ± {(max(v) - min(v)) / 2:.3f}" if v else "n/a"  # noqa: E731
+            out.append(f"| {name}: {which} | {f(acc[False])} | {f(acc[True])} |")
+    return out
 
 
 def draw_data(initial, improving, path):

@@ -311,6 +311,25 @@ def test_tags_all_reaches_knowledge_and_counting_hard_and_never_an_eval_prompt()
             assert f"{color} {shape}" in world.plan_text(scene)
 
 
+def test_report_splits_knowledge_into_trained_and_held_nouns(tmp_path):
+    held, trained = irg.HELD_NOUNS[0], next(n for n in sorted(world.ALIASES) if n not in irg.HELD_NOUNS)
+    for seed, (h, t) in enumerate([(0.0, 1.0), (0.5, 1.0)]):
+        d = tmp_path / f"s{seed}"
+        for sub in ("base_irg", "stage1_irg", "stage2_irg"):
+            (d / sub).mkdir(parents=True)
+            per = {f"a photo of a {held}": [h, h], f"a photo of a {trained}": [t, t], "a photo of a circle": [0.0, 0.0]}
+            (d / sub / "summary.json").write_text(json.dumps(dict(per_prompt=per)))
+        (d / "config.json").write_text(json.dumps(dict(hold_nouns=True)))
+        row = dict(image1=0.5, image2=0.5, fix=None, brk=None, per_tag={"knowledge": [0.5, 0.5]})
+        (d / "summary.json").write_text(json.dumps(dict(seed=seed, rows={"IRGL stages 1+2": row})))
+    irg.report(str(tmp_path))
+    text = (tmp_path / "report.md").read_text()
+    assert "| IRGL stages 1+2: image2 | 1.000 ± 0.000 | 0.250 ± 0.250 |" in text     # trained | held: median, half-range
+    (tmp_path / "s1" / "config.json").write_text(json.dumps(dict(hold_nouns=False)))
+    irg.report(str(tmp_path))
+    assert "held-out nouns" not in (tmp_path / "report.md").read_text()
+
+
 QUICK = ["--n_prompts", "1", "--N", "1", "--n_flaw", "1", "--n_init", "1", "--near", "2", "--batch", "4",
          "--eval_n", "1", "--eval_k", "1", "--sample_steps", "2", "--max_think", "4", "--ckpt_every", "1",
          "--stage1_steps", "3", "--stage2_steps", "2"]
