@@ -80,6 +80,9 @@ what carries a loss (CE = text cross-entropy, MSE = flow-matching velocity loss)
   Losses: mean CE over the batch's CE tokens + mean MSE over its noise tokens (image_loss; --img2_w
   weighs image2's MSE apart from image1's, 1 = upstream).
   AdamW (0.9, 0.95), constant LR after a short warmup, grad clip 1, one optimiser through both stages.
+  --params und (default all): the generation path (gen experts, latent projections, time embedder) stays
+  the base's (runs.set_trainable, as unified_grpo.py's): IRGL then moves only what reads and writes text
+  and the context the drawer reads.
   --ema DECAY (0 = off): the evals and the checkpoint read an exponential moving average of the weights
   (runs.ema_step), which averages the noise of IRGL's small batches (RESULTS.md, "IRG on v2, session 7":
   on seed 0 at lr 1e-4 it cut what IRGL costs image1 from 0.08 to 0.05, not to zero).
@@ -114,11 +117,11 @@ defaults = dict(
     gen_batch=60,
     # IRGL
     stage1_steps=300, stage2_steps=100, batch=16, lr=1e-4, warmup=10, clip=1.0, t_shift=1.0, cfg_drop=0.1, img2_w=1.0,
-    ckpt_every=25, ema=0.0,
+    ckpt_every=25, ema=0.0, params="all",
     # evaluation on the held-out eval set: eval_n prompts per tag, eval_k images each
     eval_n=10, eval_k=1, dtype="fp32",
 )
-choices = dict(dtype=("fp32", "bf16"), tags=("image", "all"))
+choices = dict(dtype=("fp32", "bf16"), tags=("image", "all"), params=("all", "und"))
 ranges = dict(n_prompts=">= 1", N=">= 0", n_flaw=">= 0", n_edit=">= 0", n_init=">= 1", near=">= 1", temperature=">= 0",
               max_think=">= 1", sample_steps=">= 1", cfg_text=">= 0", cfg_text2=">= 0", cfg_img=">= 0", cfg_lo1="0..1", cfg_lo2="0..1", shift="> 0", keep_p="0..1",
               gen_batch=">= 1", stage1_steps=">= 0", stage2_steps=">= 0", batch=">= 1", lr="> 0", warmup=">= 0",
@@ -339,7 +342,8 @@ def main(argv=None):
     # ---- IRGL: stage 1 (six modes), stage 2 (full trajectories only)
     raw = model.train()
     model = ddp(raw, local, device) if world_size > 1 else raw
-    opt = torch.optim.AdamW(raw.parameters(), lr=a["lr"], betas=(0.9, 0.95), eps=1e-15, weight_decay=0.0)
+    trainable = runs.set_trainable(raw, a["params"])   # --params und: the drawer's own weights stay the base's
+    opt = torch.optim.AdamW(trainable, lr=a["lr"], betas=(0.9, 0.95), eps=1e-15, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(1, a["warmup"])))  # then constant
     rng = np.random.default_rng(a["seed"] * world_size + rank)
     ema = runs.ema_init(raw, a["ema"])          # --ema: the weights the evals read and the checkpoint holds
@@ -384,7 +388,7 @@ def main(argv=None):
         loss_txt = (ce * b["lw"]).sum() / max(n_ce, 1) * world_size      # mean CE over the batch's CE tokens
         loss_img = image_loss(v.view_as(x0), eps, x0, [w_img[i] for i in has]) if has else v.sum() * 0
         loss = loss_txt + loss_img
-        gn = update(opt, loss, raw.parameters(), a["clip"], f"step {step + 1}")   # backward, clip, finite check, step
+        gn = update(opt, loss, trainable, a["clip"], f"step {step + 1}")   # backward, clip, finite check, step
         sched.step()
         runs.ema_step(ema, raw, a["ema"])
         t_train, n_train = t_train + time.time() - t_step, n_train + 1

@@ -169,6 +169,18 @@ def load_state(a, rank, model, opt, sched, rng, log, ema=None):
 # weights by the gradient's noise as well as by its signal; the running average keeps the drift and
 # averages the noise of its last ~1 / (1 - DECAY) steps. What the run evaluates and saves is the EMA.
 
+GEN_ONLY = ("gen.", "norm_gen.", "vae2llm.", "time_embedder.", "llm2vae.")   # what only noisy image tokens run
+
+
+def set_trainable(model, params):
+    """--params: "all" moves every parameter; "und" freezes the generation path (gen experts, their
+    norms, the latent projections in and out, the time embedder), so only the understanding path and
+    what it computes for the context moves. Returns the trainable parameters."""
+    for n, p in model.named_parameters():
+        p.requires_grad_(params == "all" or not n.startswith(GEN_ONLY))
+    return [p for p in model.parameters() if p.requires_grad]
+
+
 def ema_init(model, decay):
     """The EMA's weights, starting at the model's (None when decay is 0)."""
     return {k: v.detach().clone() for k, v in model.state_dict().items()} if decay else None

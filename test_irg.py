@@ -383,6 +383,16 @@ def test_end_to_end_resume_equals_uninterrupted_and_report(tiny_ckpt, tmp_path, 
         irg.main(["--ckpt", tiny_ckpt, "--out", str(a_dir)] + quick)
 
 
+def test_params_und_leaves_the_drawer_as_it_was(tiny_ckpt, tmp_path):
+    import runs
+    irg.main(["--ckpt", tiny_ckpt, "--out", str(tmp_path / "u"), "--params", "und"] + QUICK)
+    m0, _, _ = M.load_weights(tiny_ckpt)
+    m1, _, _ = M.load_weights(str(tmp_path / "u" / "ckpt"))
+    moved = {k for (k, p0), p1 in zip(m0.state_dict().items(), m1.state_dict().values()) if not torch.equal(p0, p1)}
+    assert moved and not any(k.startswith(runs.GEN_ONLY) for k in moved)
+    assert any(k.startswith(runs.GEN_ONLY) for k in m0.state_dict())       # there was a drawer to leave alone
+
+
 @pytest.mark.parametrize("args,msg", [
     (["--cfg_lo1", "2"], "--cfg_lo1 2.0: must be 0..1"),
     (["--stage1_steps", "-1"], "--stage1_steps -1: must be >= 0"),

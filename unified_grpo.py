@@ -173,10 +173,7 @@ def main(argv=None):
 
     # ---- which parameters GRPO moves (--params); the AE is frozen throughout
     raw = policy.train()
-    gen_only = ("gen.", "norm_gen.", "vae2llm.", "time_embedder.", "llm2vae.")
-    for n, p in raw.named_parameters():
-        p.requires_grad_(a["params"] == "all" or not n.startswith(gen_only))
-    trainable = [p for p in raw.parameters() if p.requires_grad]
+    trainable = runs.set_trainable(raw, a["params"])
     decoder = base if a["params"] == "und" else raw            # p_theta frozen (UMM-1) | the policy itself (UMM-2)
     pol = ddp(raw, local, device) if world_size > 1 else raw
     opt = torch.optim.AdamW(trainable, lr=a["lr"], betas=(0.9, 0.95), weight_decay=0.0)
