@@ -235,7 +235,7 @@ def evaluate_irg(model, ae, specs, a, device, out_dir=None, log=print):
     # the reflection as a critic: how often think2 calls image1 right, given what the verifier says
     says_ok = np.array([t.startswith(world.PROBLEMS["ok"]) for t in th2])
     tags = [t for t in world.TAGS if any(s["tag"] == t for s in specs)]
-    tag_of = np.array([s["tag"] for s in jobs])
+    tag_of, prompt_of = np.array([s["tag"] for s in jobs]), np.array([s["prompt"] for s in jobs])
     per_tag = {t: (float(ok1[tag_of == t].mean()), float(ok2[tag_of == t].mean())) for t in tags}
     mean_tags = lambda ok: float(np.mean([ok[tag_of == t].mean() for t in tags]))  # noqa: E731
     # the critic scored (model.critic_p): does P(think2 begins "the image is correct") separate right from
@@ -246,12 +246,12 @@ def evaluate_irg(model, ae, specs, a, device, out_dir=None, log=print):
     critic = dict(critic_auroc=auroc(p_ok, ok1) if p_ok is not None else None,
                   keep_curve={str(tau): mean_tags(np.where(p_ok >= tau, ok1, ok2)) for tau in KEEP_TAUS}
                   if p_ok is not None and redraws else None)
-    res = dict(image1=float(np.mean([per_tag[t][0] for t in tags])), image2=float(np.mean([per_tag[t][1] for t in tags])),
+    res = dict(image1=mean_tags(ok1), image2=mean_tags(ok2),
                fix=float(ok2[~ok1].mean()) if (~ok1).any() else None, n_wrong1=int((~ok1).sum()),
                **{"break": float((~ok2[ok1]).mean()) if ok1.any() else None}, n_right1=int(ok1.sum()),
                per_tag=per_tag, n=len(jobs), per_s=len(jobs) / (time.time() - t0), kept=float(np.mean(kept)),
-               per_prompt={p: (float(ok1[m].mean()), float(ok2[m].mean()))
-                           for p in dict.fromkeys(s["prompt"] for s in jobs) for m in [np.array([s["prompt"] == p for s in jobs])]},
+               per_prompt={p: (float(ok1[prompt_of == p].mean()), float(ok2[prompt_of == p].mean()))
+                           for p in dict.fromkeys(prompt_of.tolist())},
                ok_if_right=float(says_ok[ok1].mean()) if ok1.any() else None,
                ok_if_wrong=float(says_ok[~ok1].mean()) if (~ok1).any() else None, **critic,
                examples=[dict(prompt=jobs[i]["prompt"], think1=th1[i], think2=th2[i], right1=bool(ok1[i]),
@@ -503,10 +503,10 @@ def main(argv=None):
     os.makedirs(a["out"], exist_ok=True)
     print(f"evaluating {a['ckpt']} (step {meta.get('step')}) on {len(specs)} prompts x {a['k']} images")
     if "irg" in a["modes"].split(","):       # the IRG sampler's own settings (not --temperature etc.)
-        keep = world.encode(world.PROBLEMS["ok"]) if a["irg_keep"] else None     # --irg_keep: see model.irg_generate
-        evaluate_irg(model, ae, specs, dict(a, **irg_defaults, max_think=a["irg_max_think"], keep_ids=keep,
+        ok = world.encode(world.PROBLEMS["ok"])          # "the image is correct": --irg_keep / --irg_keep_p, model.irg_generate
+        evaluate_irg(model, ae, specs, dict(a, **irg_defaults, max_think=a["irg_max_think"], keep_ids=ok if a["irg_keep"] else None,
                                             cfg_text2=a["irg_cfg_text2"], cfg_img=a["irg_cfg_img"], oracle=a["irg_oracle"],
-                                            ok_ids=world.encode(world.PROBLEMS["ok"]), keep_p=a["irg_keep_p"]), device,
+                                            ok_ids=ok, keep_p=a["irg_keep_p"]), device,
                      os.path.join(a["out"], "irg"))
     summary = evaluate(model, ae, specs, dict(a, modes=a["modes"].replace("irg", "")), device, a["out"])
     if a["unified"]:

@@ -165,10 +165,6 @@ def load_state(a, rank, model, opt, sched, rng, log, ema=None):
     return st["step"]
 
 
-# EMA of the weights (--ema DECAY; 0 = off): a method's few hundred steps at batch 16-32 move the
-# weights by the gradient's noise as well as by its signal; the running average keeps the drift and
-# averages the noise of its last ~1 / (1 - DECAY) steps. What the run evaluates and saves is the EMA.
-
 GEN_ONLY = ("gen.", "norm_gen.", "vae2llm.", "time_embedder.", "llm2vae.")   # what only noisy image tokens run
 
 
@@ -180,6 +176,10 @@ def set_trainable(model, params):
         p.requires_grad_(params == "all" or not n.startswith(GEN_ONLY))
     return [p for p in model.parameters() if p.requires_grad]
 
+
+# EMA of the weights (--ema DECAY; 0 = off): a method's few hundred steps at batch 16-32 move the
+# weights by the gradient's noise as well as by its signal; the running average keeps the drift and
+# averages the noise of its last ~1 / (1 - DECAY) steps. What the run evaluates and saves is the EMA.
 
 def ema_init(model, decay):
     """The EMA's weights, starting at the model's (None when decay is 0)."""
