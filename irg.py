@@ -32,6 +32,9 @@ Inference (irg_generate; the upstream IRG eval script's settings, design.md sect
   --keep_p TAU: the same, decided by the critic's probability P(think2 begins "the image is correct")
   (model.critic_p) >= TAU instead of by the sampled think2. Every eval reports that probability's AUROC
   against the verifier (critic_auroc): how well the reflection judges image1.
+  --select (an option of ours, not upstream's): the critic rereads the redrawn image2 in image1's place
+  (model.critic_reread) and image2 is whichever of the two images it scores higher, so a redraw that
+  broke a right image can be taken back. Without it, every eval reports what it would give (select).
 
 IRGL (training). Data from the world, on training prompts only (world.candidates never draws an eval
 prompt). --tags image (default): knowledge and counts 5-6 are left out as in pre-training, where their
@@ -92,6 +95,7 @@ The run folder: config.json, metrics.jsonl, irgl.rank0.pt (the data and the base
 stage2_irg/ (IRG inference on the eval set: accuracy of image1 and image2 per tag, fix and break
 rates, grid prompt | think1 | image1 | think2 | image2), data.png (IRGL samples), ckpt.*, summary.json/md.
 """
+import copy
 import json
 import os
 import time
@@ -114,10 +118,12 @@ defaults = dict(
     temperature=0.3, max_think=80, sample_steps=25, cfg_text=4.0, cfg_text2=4.0, cfg_img=2.0, cfg_lo1=0.4, cfg_lo2=0.0, shift=3.0,
     keep=False,         # a think2 of "the image is correct ..." keeps image1 as image2 (off: always redraw, upstream)
     keep_p=0.0,         # > 0: keep image1 where P(think2 begins "the image is correct") >= keep_p (model.critic_p)
+    select=False,       # image2 = the image (image1 or the redraw) the critic scores higher (model.critic_reread)
     gen_batch=60,
     # IRGL
     stage1_steps=300, stage2_steps=100, batch=16, lr=1e-4, warmup=10, clip=1.0, t_shift=1.0, cfg_drop=0.1, img2_w=1.0,
     ckpt_every=25, ema=0.0, params="all",
+    anchor=0.0,         # > 0: image2's velocity held to the frozen base's on the same input (ours: keeps the drawer)
     # evaluation on the held-out eval set: eval_n prompts per tag, eval_k images each
     eval_n=10, eval_k=1, dtype="fp32",
 )
@@ -125,7 +131,7 @@ choices = dict(dtype=("fp32", "bf16"), tags=("image", "all"), params=("all", "un
 ranges = dict(n_prompts=">= 1", N=">= 0", n_flaw=">= 0", n_edit=">= 0", n_init=">= 1", near=">= 1", temperature=">= 0",
               max_think=">= 1", sample_steps=">= 1", cfg_text=">= 0", cfg_text2=">= 0", cfg_img=">= 0", cfg_lo1="0..1", cfg_lo2="0..1", shift="> 0", keep_p="0..1",
               gen_batch=">= 1", stage1_steps=">= 0", stage2_steps=">= 0", batch=">= 1", lr="> 0", warmup=">= 0",
-              clip="> 0", t_shift="> 0", cfg_drop="0..1", img2_w=">= 0", ckpt_every=">= 1", eval_n=">= 1", eval_k=">= 1", ema="0..1")
+              clip="> 0", t_shift="> 0", cfg_drop="0..1", img2_w=">= 0", ckpt_every=">= 1", eval_n=">= 1", eval_k=">= 1", ema="0..1", anchor=">= 0")
 MODES = ("initial_full", "initial_thinking_gen", "initial_thinking_und",
          "improving_full", "improving_thinking_gen", "improving_thinking_und")
 STAGE_WEIGHTS = {1: dict(initial_full=1.0, improving_full=1.0, initial_thinking_gen=0.5, improving_thinking_gen=0.5,
@@ -133,7 +139,7 @@ STAGE_WEIGHTS = {1: dict(initial_full=1.0, improving_full=1.0, initial_thinking_
                  2: dict(initial_full=1.0, improving_full=1.0)}
 # settings that make the IRGL data and the base's evals: a --resume must match them (runs.saved_rollouts)
 MADE_WITH = ("ckpt", "seed", "n_prompts", "tags", "hold_nouns", "N", "n_flaw", "n_edit", "n_init", "near", "temperature", "max_think", "sample_steps",
-             "cfg_text", "cfg_text2", "cfg_img", "cfg_lo1", "cfg_lo2", "shift", "keep", "keep_p", "eval_n", "eval_k")
+             "cfg_text", "cfg_text2", "cfg_img", "cfg_lo1", "cfg_lo2", "shift", "keep", "keep_p", "select", "eval_n", "eval_k")
 IMAGE_TAGS = [t for t in world.TAGS if t not in ("knowledge", "counting_hard")]   # pre-training's image tags
 
 
@@ -147,7 +153,7 @@ from model import cfg_combine, draw_first, img_uncond_ids, irg_generate  # noqa:
 def sampler(a):
     s = {k: a[k] for k in ("temperature", "max_think", "sample_steps", "cfg_text", "cfg_text2", "cfg_img", "cfg_lo1", "cfg_lo2", "shift")}
     ok = world.encode(world.PROBLEMS["ok"])
-    return dict(s, keep_ids=ok if a["keep"] else None, ok_ids=ok, keep_p=a["keep_p"])
+    return dict(s, keep_ids=ok if a["keep"] else None, ok_ids=ok, keep_p=a["keep_p"], select=a["select"])
 
 
 # ----------------------------------------------------------------------------- IRGL data
@@ -340,6 +346,8 @@ def main(argv=None):
     z_img1, z_img2 = enc([r["img1"] for r in improving]), enc([r["img2"] for r in improving])
 
     # ---- IRGL: stage 1 (six modes), stage 2 (full trajectories only)
+    # --anchor: a frozen copy of the base (taken before a resume loads the run's weights)
+    ref = copy.deepcopy(model).eval().requires_grad_(False) if a["anchor"] else None
     raw = model.train()
     model = ddp(raw, local, device) if world_size > 1 else raw
     trainable = runs.set_trainable(raw, a["params"])   # --params und: the drawer's own weights stay the base's
@@ -388,15 +396,28 @@ def main(argv=None):
         loss_txt = (ce * b["lw"]).sum() / max(n_ce, 1) * world_size      # mean CE over the batch's CE tokens
         loss_img = image_loss(v.view_as(x0), eps, x0, [w_img[i] for i in has]) if has else v.sum() * 0
         loss = loss_txt + loss_img
+        # --anchor: image2's drawer as the base drew it. At image2's noise tokens (improving modes) the
+        # velocity is pulled to the frozen base's on the same packed input,
+        #   L_anchor = || v_theta(x_t, t | ctx) - v_base(x_t, t | ctx) ||^2,
+        # so what the text losses move in image2's context (session 8: fix 0.43 -> 0.31, break 0.16 -> 0.27
+        # with the verifier's reflection) is undone where image2 reads it; the targets are the base's own draws.
+        anc = [k for k, i in enumerate(has) if modes[i].startswith("improving")] if ref is not None else []
+        loss_anchor = v.sum() * 0
+        if anc:
+            with torch.no_grad(), amp:
+                v_ref = M.token_losses(ref, b)[1].view_as(x0)
+            loss_anchor = ((v.view_as(x0)[anc] - v_ref[anc].float()) ** 2).mean()
+            loss = loss + a["anchor"] * loss_anchor
         gn = update(opt, loss, trainable, a["clip"], f"step {step + 1}")   # backward, clip, finite check, step
         sched.step()
         runs.ema_step(ema, raw, a["ema"])
         t_train, n_train = t_train + time.time() - t_step, n_train + 1
         if (step + 1) % 25 == 0 or step == start or step + 1 in (s1, total):
             log.log(dict(phase="train", step=step + 1, stage=stage, loss_txt=loss_txt.item() / world_size,
-                         loss_img=loss_img.item(), gnorm=gn.item(), lr=sched.get_last_lr()[0], s_per_step=t_train / n_train),
+                         loss_img=loss_img.item(), loss_anchor=loss_anchor.item(), gnorm=gn.item(), lr=sched.get_last_lr()[0], s_per_step=t_train / n_train),
                     f"step {step + 1}/{total} (stage {stage}) text {loss_txt.item() / world_size:.4f} "
-                    f"image {loss_img.item():.4f} gn {gn.item():.2f} ({t_train / n_train:.2f} s/step)")
+                    f"image {loss_img.item():.4f}" + (f" anchor {loss_anchor.item():.5f}" if ref is not None else "")
+                    + f" gn {gn.item():.2f} ({t_train / n_train:.2f} s/step)")
         if (step + 1) % a["ckpt_every"] == 0 or step + 1 in (s1, total):
             runs.save_state(a, rank, step + 1, raw, opt, sched, rng, ema)
 
@@ -456,8 +477,9 @@ def write_summary(a, before, base_irg, stage1, final, log):
             rows.append((name, r["image1"], r["image2"], r["fix"], r["break"], r["per_tag"]))
     summary = {name: dict(image1=i1, image2=i2, fix=fx, brk=bk, per_tag=pt) for name, i1, i2, fx, bk, pt in rows}
     for name, r in (("base, IRG inference", base_irg), ("IRGL stage 1", stage1), ("IRGL stages 1+2", final)):
-        if r is not None:       # the reflection as a critic (evaluate.evaluate_irg): AUROC of P("the image is correct")
-            summary[name]["critic_auroc"] = r.get("critic_auroc")
+        if r is not None:       # the reflection as a critic (evaluate.evaluate_irg): AUROC of P("the image is correct"),
+            summary[name]["critic_auroc"] = r.get("critic_auroc")      # and the image2 --select would give
+            summary[name]["select"] = r.get("select")
     atomic_write(os.path.join(a["out"], "summary.json"), json.dumps(dict(seed=a["seed"], rows=summary), indent=1))
     tags = list(before["per_tag"])
     f = lambda x: "" if x is None else f"{x:.3f}"  # noqa: E731
@@ -485,16 +507,17 @@ def report(root):
     names = list(runs_[0]["rows"])
     tags = list(runs_[0]["rows"][names[0]]["per_tag"])
     lines = [f"{len(runs_)} seeds ({', '.join(str(r['seed']) for r in runs_)}); median ± half the range", "",
-             "| | overall | fix | break | critic AUROC | per seed |", "|---|---|---|---|---|---|"]
+             "| | overall | fix | break | critic AUROC | select | per seed |", "|---|---|---|---|---|---|---|"]
     for n in names:
         for k, which in ((0, "image1"), (1, "image2")):
             vals = [r["rows"][n][which] for r in runs_ if n in r["rows"] and r["rows"][n][which] is not None]
             if vals:
                 fx = [r["rows"][n]["fix"] for r in runs_ if n in r["rows"] and r["rows"][n]["fix"] is not None]
                 bk = [r["rows"][n]["brk"] for r in runs_ if n in r["rows"] and r["rows"][n]["brk"] is not None]
-                au = [r["rows"][n]["critic_auroc"] for r in runs_ if n in r["rows"] and r["rows"][n].get("critic_auroc") is not None]
-                lines.append(f"| {n}: {which} | {fmt(vals)} | {fmt(fx) if k and fx else ''} | "
-                             f"{fmt(bk) if k and bk else ''} | {fmt(au) if k and au else ''} | {', '.join(f'{v:.3f}' for v in vals)} |")
+                au, sel = ([r["rows"][n][key] for r in runs_ if n in r["rows"] and r["rows"][n].get(key) is not None]
+                           for key in ("critic_auroc", "select"))
+                lines.append(f"| {n}: {which} | {fmt(vals)} | {fmt(fx) if k and fx else ''} | {fmt(bk) if k and bk else ''} | "
+                             f"{fmt(au) if k and au else ''} | {fmt(sel) if k and sel else ''} | {', '.join(f'{v:.3f}' for v in vals)} |")
     lines += ["", "| | " + " | ".join(tags) + " |", "|---" * (len(tags) + 1) + "|"]
     for n in names:
         for k, which in ((0, "image1"), (1, "image2")):

@@ -835,11 +835,14 @@ def irg_generate(model, ae, prompts, s, palette, generator=None):
       keep_ids   a think2 that begins with these ids keeps image1 as image2
       ok_ids     score P(think2 begins with them) (critic_p)
       keep_p     keep image1 where that probability is >= keep_p, whatever think2 was sampled
+      select     the critic also reads the redrawn image2 as it read image1 (critic_reread) and the
+                 returned image2 is whichever of the two it scores higher (an option of ours, not upstream's)
     palette: the AE's decoding palette (palette).
     Returns dict(think1, think2 (token lists), switched1, switched2, z1, z2, img1, img2 (uint8 numpy),
-    kept [B] bool, p_ok [B] or None)."""
-    if s.get("keep_p") and not s.get("ok_ids"):
-        raise ValueError("keep_p needs ok_ids (the ids of \"the image is correct\") to score the critic")
+    kept [B] bool, p_ok [B] or None, p_ok2 [B] or None: the critic on the image2 returned before select)."""
+    for k in ("keep_p", "select"):
+        if s.get(k) and not s.get("ok_ids"):
+            raise ValueError(f"{k} needs ok_ids (the ids of \"the image is correct\") to score the critic")
     dev = next(model.parameters()).device
     B = len(prompts)
     cache, t1, sw1, z1, img1, zc = draw_first(model, ae, prompts, s, palette, generator)
@@ -878,9 +881,15 @@ def irg_generate(model, ae, prompts, s, palette, generator=None):
         kept = p_ok >= s["keep_p"]
     x = torch.where(kept[:, None, None], z1, x)
     img2 = torch.where(kept[:, None, None, None], img1, img2)
+    p_ok2 = None
+    if s.get("ok_ids"):     # the same critic on image2, read in image1's place; a kept row's image2 is image1
+        p_ok2 = torch.where(kept, p_ok, critic_reread(model, ae, prompts, t1, img2, s["ok_ids"]))
+    if s.get("select"):     # select: image1 stays wherever the critic does not score the redraw higher
+        back = p_ok >= p_ok2
+        x, img2 = torch.where(back[:, None, None], z1, x), torch.where(back[:, None, None, None], img1, img2)
     return dict(think1=t1, think2=t2, switched1=sw1, switched2=sw2, z1=z1, z2=x,
                 img1=img1.cpu().numpy(), img2=img2.cpu().numpy(), kept=kept.cpu().numpy(),
-                p_ok=None if p_ok is None else p_ok.cpu().numpy())
+                p_ok=None if p_ok is None else p_ok.cpu().numpy(), p_ok2=None if p_ok2 is None else p_ok2.cpu().numpy())
 
 
 @torch.no_grad()
@@ -894,6 +903,19 @@ def critic_p(model, cache, logits, ids):
         if j + 1 < len(ids):
             logits = append_text(model, c, torch.full((logits.shape[0], 1), tok, device=logits.device))
     return lp.exp()
+
+
+@torch.no_grad()
+def critic_reread(model, ae, prompts, t1, imgs, ids):
+    """critic_p on other images in image1's place: <bos> P <think> T1 <vs> image <ve> <think>, the context
+    draw_first built, with imgs (pixels, re-entered as the AE reads them) for image1."""
+    dev = next(model.parameters()).device
+    cache, _ = prefill(model, [[BOS] + list(p) + [THINK] + list(t) + ([] if t and t[-1] == VS else [VS])
+                               for p, t in zip(prompts, t1)], dev)
+    append_image(model, cache, ae.encode(imgs))
+    append_text(model, cache, torch.full((len(prompts), 1), VE, device=dev))
+    logits = append_text(model, cache, torch.full((len(prompts), 1), THINK, device=dev))
+    return critic_p(model, cache, logits, ids)
 
 
 def img_uncond_ids(p, t1, t2):

@@ -164,6 +164,40 @@ def test_critic_p_is_the_uncached_probability_and_keep_p_keeps_exactly_above_it(
         M.irg_generate(m, ae, prompts, dict(irg.sampler(s), ok_ids=None, keep_p=0.5), world.PALETTE)
 
 
+def test_critic_reread_scores_image2_in_image1s_place_and_select_returns_the_higher_scored():
+    """p_ok2 (model.critic_reread) is the critic on the redrawn image2 put where image1 was, recomputed
+    uncached; reread on image1 itself it is p_ok; select returns image1 exactly where p_ok >= p_ok2."""
+    m, ae = tiny_pair(1)
+    prompts = [world.encode("a photo of a red circle"), world.encode("a photo of two blue squares"),
+               world.encode("a green cross"), world.encode("a photo of a yellow triangle")]
+    ok = world.encode(world.PROBLEMS["ok"])
+    s = dict(irg.defaults, sample_steps=2, max_think=5, temperature=0.0)
+    run = lambda extra: M.irg_generate(m, ae, prompts, dict(irg.sampler(s), ok_ids=ok, **extra), world.PALETTE,  # noqa: E731
+                                       torch.Generator().manual_seed(3))
+    off = run({})
+    assert not off["kept"].any()
+    again = M.critic_reread(m, ae, prompts, off["think1"], torch.as_tensor(off["img1"]), ok).numpy()
+    assert np.allclose(np.log(again), np.log(off["p_ok"]), atol=1e-3)
+    for r, p in enumerate(prompts):
+        ctx = [M.BOS] + p + [M.THINK] + off["think1"][r]
+        ctx = ctx if ctx[-1] == M.VS else ctx + [M.VS]
+        zc = ae.encode(torch.as_tensor(off["img2"][r:r + 1]))[0]
+        tail, lp = [M.VE, M.THINK], 0.0
+        for tok in ok:
+            with torch.no_grad():
+                h, _ = full(m, [("text", ctx, 0), ("clean", zc), ("text", tail, 0)])
+            lp += float(torch.log_softmax(m.logits(h[-1]).float(), -1)[tok])
+            tail = tail + [tok]
+        assert abs(lp - np.log(off["p_ok2"][r])) < 1e-3, (lp, np.log(off["p_ok2"][r]))
+    on = run(dict(select=True))
+    back = off["p_ok"] >= off["p_ok2"]
+    assert back.any() and not back.all(), (off["p_ok"], off["p_ok2"])
+    for i in range(len(prompts)):
+        assert np.array_equal(on["img2"][i], off["img1"][i] if back[i] else off["img2"][i])
+    with pytest.raises(ValueError, match="select needs ok_ids"):
+        M.irg_generate(m, ae, prompts, dict(irg.sampler(s), ok_ids=None, select=True), world.PALETTE)
+
+
 def test_cfg_combine_is_bagels_nesting():
     vc, vt, vi = torch.randn(3, 2, 16, 32).unbind(0)
     v = irg.cfg_combine(vc, vt, vi, 4.0, 2.0)
@@ -346,7 +380,7 @@ def tiny_ckpt(tmp_path_factory):
 def test_end_to_end_resume_equals_uninterrupted_and_report(tiny_ckpt, tmp_path, monkeypatch):
     import runs
     a_dir, b_dir = tmp_path / "runs" / "a", tmp_path / "runs" / "b"
-    quick = QUICK + ["--ema", "0.5"]     # the EMA's weights, too, resume exactly
+    quick = QUICK + ["--ema", "0.5", "--anchor", "1"]     # the EMA's weights and --anchor's frozen base, too, resume exactly
     irg.main(["--ckpt", tiny_ckpt, "--out", str(a_dir)] + quick)
     s = json.load(open(a_dir / "summary.json"))
     assert set(s["rows"]) == {"base, single pass (think)", "base, IRG inference", "IRGL stage 1", "IRGL stages 1+2"}
@@ -373,6 +407,11 @@ def test_end_to_end_resume_equals_uninterrupted_and_report(tiny_ckpt, tmp_path, 
     assert json.load(open(b_dir / "summary.json")) == s
     steps = [json.loads(l)["step"] for l in open(b_dir / "metrics.jsonl") if '"train"' in l]
     assert steps == sorted(set(steps))                       # no step logged twice
+    # --anchor: at step 1 the weights are the base's, so image2's velocity is the frozen base's exactly;
+    # afterwards they differ (the base was copied before the resumed run loaded its own weights)
+    anchor = {r["step"]: r["loss_anchor"] for r in map(json.loads, open(a_dir / "metrics.jsonl")) if r.get("phase") == "train"}
+    assert anchor[1] == 0.0 and max(anchor.values()) > 0, anchor
+    assert [r["loss_anchor"] for r in map(json.loads, open(b_dir / "metrics.jsonl")) if r.get("phase") == "train"][-1] == anchor[5]
     # the weights moved, and --report reads both runs
     m0, _, _ = M.load_weights(tiny_ckpt)
     assert any(not torch.equal(p0, p1) for p0, p1 in zip(m0.state_dict().values(), ma.state_dict().values()))
