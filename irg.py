@@ -47,7 +47,9 @@ knowledge nouns (HELD_NOUNS) stay out, so the eval tells trained nouns from noun
              right: think2 = "the image is correct . redraw : <its own layout>", image2 = image1 (keep);
              wrong: think2 = world.reflection_text (what is wrong . redraw : <target layout>),
                     image2 = the render of the prompt nearest to image1 in pixels among --near renders
-                    (fixes the flaw, keeps what it can of the rest)
+                    (fixes the flaw, keeps what it can of the rest); --fix_from self (ours): where another
+                    of the model's --N draws of the prompt passed the verifier, image2 is that draw and
+                    think2 redraws its layout, so image2's targets are images the drawer itself makes
      flaw    image1 = world.negative (a render that breaks exactly one constraint), think1 = the
              plan of image2, image2 = the render nearest to image1 among --near, think2 = its reflection
      edit    image2 = a render, image1 = the same scene with one constraint broken in place (edit_flaw:
@@ -86,6 +88,9 @@ what carries a loss (CE = text cross-entropy, MSE = flow-matching velocity loss)
   --params und (default all): the generation path (gen experts, latent projections, time embedder) stays
   the base's (runs.set_trainable, as unified_grpo.py's): IRGL then moves only what reads and writes text
   and the context the drawer reads.
+  --anchor LAMBDA (0 = off; ours): + LAMBDA * || v_theta - v_base ||^2 at image2's noise tokens, v_base
+  from a frozen copy of the base on the same input: the drawer as the base drew it, whatever the text
+  losses move in the context it reads.
   --ema DECAY (0 = off): the evals and the checkpoint read an exponential moving average of the weights
   (runs.ema_step), which averages the noise of IRGL's small batches (RESULTS.md, "IRG on v2, session 7":
   on seed 0 at lr 1e-4 it cut what IRGL costs image1 from 0.08 to 0.05, not to zero).
@@ -113,7 +118,7 @@ defaults = dict(
     ckpt="data/base", out="runs/irg", seed=0, resume=False, overwrite=False, report="",
     # IRGL data: prompts per tag (training prompts only), self-drawn image1s per prompt, flaws per prompt,
     # initial renders per prompt, candidate renders for "nearest to image1"
-    n_prompts=24, N=1, n_flaw=1, n_edit=1, n_init=2, near=8, tags="image", hold_nouns=False,
+    n_prompts=24, N=1, n_flaw=1, n_edit=1, n_init=2, near=8, tags="image", hold_nouns=False, fix_from="render",
     # inference (upstream IRG eval script)
     temperature=0.3, max_think=80, sample_steps=25, cfg_text=4.0, cfg_text2=4.0, cfg_img=2.0, cfg_lo1=0.4, cfg_lo2=0.0, shift=3.0,
     keep=False,         # a think2 of "the image is correct ..." keeps image1 as image2 (off: always redraw, upstream)
@@ -127,7 +132,7 @@ defaults = dict(
     # evaluation on the held-out eval set: eval_n prompts per tag, eval_k images each
     eval_n=10, eval_k=1, dtype="fp32",
 )
-choices = dict(dtype=("fp32", "bf16"), tags=("image", "all"), params=("all", "und"))
+choices = dict(dtype=("fp32", "bf16"), tags=("image", "all"), params=("all", "und"), fix_from=("render", "self"))
 ranges = dict(n_prompts=">= 1", N=">= 0", n_flaw=">= 0", n_edit=">= 0", n_init=">= 1", near=">= 1", temperature=">= 0",
               max_think=">= 1", sample_steps=">= 1", cfg_text=">= 0", cfg_text2=">= 0", cfg_img=">= 0", cfg_lo1="0..1", cfg_lo2="0..1", shift="> 0", keep_p="0..1",
               gen_batch=">= 1", stage1_steps=">= 0", stage2_steps=">= 0", batch=">= 1", lr="> 0", warmup=">= 0",
@@ -138,7 +143,7 @@ STAGE_WEIGHTS = {1: dict(initial_full=1.0, improving_full=1.0, initial_thinking_
                          initial_thinking_und=0.5, improving_thinking_und=0.5),
                  2: dict(initial_full=1.0, improving_full=1.0)}
 # settings that make the IRGL data and the base's evals: a --resume must match them (runs.saved_rollouts)
-MADE_WITH = ("ckpt", "seed", "n_prompts", "tags", "hold_nouns", "N", "n_flaw", "n_edit", "n_init", "near", "temperature", "max_think", "sample_steps",
+MADE_WITH = ("ckpt", "seed", "n_prompts", "tags", "hold_nouns", "fix_from", "N", "n_flaw", "n_edit", "n_init", "near", "temperature", "max_think", "sample_steps",
              "cfg_text", "cfg_text2", "cfg_img", "cfg_lo1", "cfg_lo2", "shift", "keep", "keep_p", "select", "eval_n", "eval_k")
 IMAGE_TAGS = [t for t in world.TAGS if t not in ("knowledge", "counting_hard")]   # pre-training's image tags
 
@@ -248,19 +253,26 @@ def build_irgl(model, ae, specs, a, device, log):
     jobs = [s for s in specs for _ in range(a["N"])]
     gen = torch.Generator(device).manual_seed(1000 + a["seed"])
     prog = Progress("self-drawn image1", len(jobs), log=print)
+    drawn = []                                      # (spec, think1, switched, image1, verdict), N per prompt in a row
     for i in range(0, len(jobs), a["gen_batch"]):
         chunk = jobs[i:i + a["gen_batch"]]
         _, t1, sw1, _, img1, _ = draw_first(model, ae, [enc(s["prompt"]) for s in chunk], sampler(a), world.PALETTE, gen)
-        for s, t, sw, im in zip(chunk, t1, sw1.tolist(), img1.cpu().numpy()):
-            v = world.verify(s, im)
-            if v["correct"]:                        # keep: think2 says so, image2 is image1
-                t2, im2 = f"{v['problem']} . redraw : {world.caption(v['objects'])}", im
-            else:                                   # fix: what is wrong, the layout of the nearest render
-                im2, scene = nearest_render(s, im, rng, a["near"])
-                t2 = world.reflection_text(s, v, scene)
-            improving.append(dict(spec=s, t1=list(t) + ([] if sw else [M.VS]), t1_loss=False, img1=im,
-                                  t2=enc(t2) + end, img2=im2, source="self", right1=bool(v["correct"])))
+        drawn += [(s, t, sw, im, world.verify(s, im)) for s, t, sw, im in zip(chunk, t1, sw1.tolist(), img1.cpu().numpy())]
         prog(min(i + a["gen_batch"], len(jobs)))
+    for i, (s, t, sw, im, v) in enumerate(drawn):
+        # --fix_from self: the fix is another of the model's own draws of this prompt that the verifier passed
+        right = [d for d in drawn[i - i % a["N"]:i - i % a["N"] + a["N"]] if d[4]["correct"]] if a["fix_from"] == "self" else []
+        if v["correct"]:                            # keep: think2 says so, image2 is image1
+            t2, im2 = f"{v['problem']} . redraw : {world.caption(v['objects'])}", im
+        elif right:                                 # fix: what is wrong, the layout the model drew right, that image
+            d = right[int(rng.integers(len(right)))]
+            t2, im2 = world.reflection_text(s, v, d[4]["objects"]), d[3]
+        else:                                       # fix: what is wrong, the layout of the nearest render
+            im2, scene = nearest_render(s, im, rng, a["near"])
+            t2 = world.reflection_text(s, v, scene)
+        improving.append(dict(spec=s, t1=list(t) + ([] if sw else [M.VS]), t1_loss=False, img1=im,
+                              t2=enc(t2) + end, img2=im2, source="self", right1=bool(v["correct"]),
+                              fix_self=bool(right) and not v["correct"]))
     return initial, improving
 
 
@@ -337,7 +349,8 @@ def main(argv=None):
     log.log(dict(phase="data", initial=len(initial), improving=len(improving), self=len(selfs),
                  self_right=float(np.mean([r["right1"] for r in selfs])) if selfs else None, seconds=time.time() - t0),
             f"IRGL data: {len(initial)} initial, {len(improving)} improving ({len(selfs)} self-drawn, "
-            f"{np.mean([r['right1'] for r in selfs]) if selfs else float('nan'):.3f} of them right) in {time.time() - t0:.0f}s")
+            f"{np.mean([r['right1'] for r in selfs]) if selfs else float('nan'):.3f} of them right, "
+            f"{sum(r.get('fix_self', False) for r in selfs)} fixed by the model's own draw) in {time.time() - t0:.0f}s")
     if rank == 0:
         draw_data(initial, improving, os.path.join(a["out"], "data.png"))
     # the images, encoded once: x0 of the MSE targets and the clean image1s

@@ -345,6 +345,34 @@ def test_tags_all_reaches_knowledge_and_counting_hard_and_never_an_eval_prompt()
             assert f"{color} {shape}" in world.plan_text(scene)
 
 
+def test_fix_from_self_makes_image2_another_of_the_models_own_right_draws(monkeypatch):
+    """--fix_from self: a wrong self-drawn image1 whose prompt has a right draw among its N gets that
+    draw as image2 and its layout as think2's redraw; a prompt with none falls back to the nearest render."""
+    a = dict(irg.defaults, n_prompts=2, tags="image", N=4, n_flaw=0, n_edit=0, n_init=1, near=2, gen_batch=3)
+    specs = irg.train_specs(a)[:3]
+    rng = np.random.default_rng(5)
+    renders = [world.render(s, rng, holdout="train")[0] for s in specs]
+    blank = np.zeros_like(renders[0])
+
+    def fake_draw(model, ae, prompts, smp, palette, gen):   # the next chunk of images below
+        return None, [[M.VS]] * len(prompts), torch.ones(len(prompts), dtype=torch.bool), None, torch.as_tensor(np.stack(imgs.pop(0))), None
+    # draw j of prompt i is right when j is odd, except for the last prompt, which has no right draw
+    order = [(i, j) for i in range(len(specs)) for j in range(a["N"])]
+    want_right = [j % 2 == 1 and i < len(specs) - 1 for i, j in order]
+    imgs = [[renders[i] if r else blank for (i, _), r in zip(order[k:k + 3], want_right[k:k + 3])] for k in range(0, len(order), 3)]
+    monkeypatch.setattr(irg, "draw_first", fake_draw)
+    _, improving = irg.build_irgl(None, None, specs, dict(a, fix_from="self"), "cpu", print)
+    assert [r["right1"] for r in improving] == want_right
+    for (i, j), r in zip(order, improving):
+        if r["right1"]:
+            assert r["img2"] is r["img1"] and not r["fix_self"]
+        elif i < len(specs) - 1:        # fixed by the model's own right draw of the same prompt
+            assert r["fix_self"] and np.array_equal(r["img2"], renders[i])
+            assert world.decode(r["t2"]).split(" . redraw : ")[1].startswith(world.caption(world.verify(specs[i], renders[i])["objects"]))
+        else:                           # no right draw of this prompt: the nearest render
+            assert not r["fix_self"] and world.verify(specs[i], r["img2"])["correct"] and not np.array_equal(r["img2"], blank)
+
+
 def test_report_splits_knowledge_into_trained_and_held_nouns(tmp_path):
     held, trained = irg.HELD_NOUNS[0], next(n for n in sorted(world.ALIASES) if n not in irg.HELD_NOUNS)
     for seed, (h, t) in enumerate([(0.0, 1.0), (0.5, 1.0)]):
