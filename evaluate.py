@@ -45,13 +45,15 @@ defaults = dict(ckpt="data/base", eval="data/eval.jsonl", out="runs/eval", n=50,
                 sample_steps=25, cfg=4.0, shift=3.0, temperature=0.7, max_think=64, seed=0,
                 modes="think,forced", und=True, grid_cols=8, irg_max_think=80, unified=0, unified_steps=10,
                 encoder="data/base", clip="", auroc=0, captions=0, irg_keep=False, irg_cfg_text2=4.0, irg_cfg_img=2.0,
-                irg_oracle=False, irg_keep_p=0.0, irg_select=False)
+                irg_oracle=False, irg_keep_p=0.0, irg_select=False, irg_best2=False)
 # IRG inference (--modes irg), the upstream IRG eval script's settings (design.md section 4)
 # (think2 names the problem, then the whole layout: --irg_max_think, 80 as irg.py, bounds each think;
 # --irg_cfg_text2 / --irg_cfg_img: image2's guidance, as irg.py's --cfg_text2 / --cfg_img;
 # --irg_oracle: think2 written from the verifier's verdict instead of sampled, image2's ceiling: evaluate.oracle_think2;
 # --irg_keep_p TAU: keep image1 where the critic's P("the image is correct") >= TAU, as irg.py's --keep_p;
-# --irg_select 1: the critic rereads the redrawn image2 and the higher-scored image is image2, as irg.py's --select)
+# --irg_select 1: the critic rereads the redrawn image2 and the higher-scored image is image2, as irg.py's --select;
+# --irg_best2 1: the control for both: a second, independent think1 + image1 per prompt, and the one of the two
+# first images the same critic scores higher (no reflection, no redraw: what a second sample alone buys))
 irg_defaults = dict(temperature=0.3, cfg_text=4.0, cfg_lo1=0.4)
 ranges = dict(n=">= 1", k=">= 1", batch=">= 1", sample_steps=">= 1", cfg=">= 0", shift="> 0", temperature=">= 0",
               max_think=">= 1", grid_cols=">= 1", irg_max_think=">= 1", unified=">= 0", unified_steps=">= 1",
@@ -220,7 +222,7 @@ def evaluate_irg(model, ae, specs, a, device, out_dir=None, log=print):
     model.eval()
     jobs = [s for s in specs for _ in range(a["k"])]
     g = torch.Generator(device).manual_seed(a["seed"])
-    ok1, ok2, im1, im2, th1, th2, kept, p_ok, p_ok2 = [], [], [], [], [], [], [], [], []
+    ok1, ok2, im1, im2, th1, th2, kept, p_ok, p_ok2, ok1b, p_okb = [], [], [], [], [], [], [], [], [], [], []
     t0, prog = time.time(), Progress("eval irg", len(jobs))
     for i in range(0, len(jobs), a["batch"]):
         prog(i)
@@ -232,6 +234,11 @@ def evaluate_irg(model, ae, specs, a, device, out_dir=None, log=print):
         im1 += list(out["img1"]); im2 += list(out["img2"]); kept += out["kept"].tolist()
         p_ok += [] if out["p_ok"] is None else out["p_ok"].tolist()
         p_ok2 += [] if out["p_ok2"] is None else out["p_ok2"].tolist()
+        if a.get("best2"):      # the control: think1 + image1 drawn again from scratch, read by the same critic
+            prompts = [world.encode(s["prompt"]) for s in chunk]
+            _, t1b, _, _, img1b, _ = M.draw_first(model, ae, prompts, a, world.PALETTE, g)
+            ok1b += [world.verify(s, x)["correct"] for s, x in zip(chunk, img1b.cpu().numpy())]
+            p_okb += M.critic_reread(model, ae, prompts, t1b, img1b, a["ok_ids"]).tolist()
         th1 += [world.decode(t) for t in out["think1"]]; th2 += [world.decode(t) for t in out["think2"]]
     ok1, ok2 = np.array(ok1), np.array(ok2)
     # the reflection as a critic: how often think2 calls image1 right, given what the verifier says
@@ -254,6 +261,8 @@ def evaluate_irg(model, ae, specs, a, device, out_dir=None, log=print):
     redrawn = ~np.array(kept, dtype=bool)
     critic.update(critic2_auroc=auroc(p_ok2[redrawn], ok2[redrawn]) if p_ok2 is not None and redrawn.sum() > 1 else None,
                   select=None if p_ok2 is None or a.get("select") else mean_tags(np.where(p_ok2 > p_ok, ok2, ok1)))
+    if ok1b:
+        critic.update(image1b=mean_tags(np.array(ok1b)), best2=mean_tags(np.where(np.array(p_okb) > p_ok, ok1b, ok1)))
     res = dict(image1=mean_tags(ok1), image2=mean_tags(ok2),
                fix=float(ok2[~ok1].mean()) if (~ok1).any() else None, n_wrong1=int((~ok1).sum()),
                **{"break": float((~ok2[ok1]).mean()) if ok1.any() else None}, n_right1=int(ok1.sum()),
@@ -262,7 +271,8 @@ def evaluate_irg(model, ae, specs, a, device, out_dir=None, log=print):
                            for p in dict.fromkeys(prompt_of.tolist())},
                # per image, in job order (a control can combine runs: the best of two image1s by the critic)
                per_image=dict(ok1=ok1.tolist(), ok2=ok2.tolist(), kept=[bool(k) for k in kept],
-                              p_ok=None if p_ok is None else p_ok.tolist(), p_ok2=None if p_ok2 is None else p_ok2.tolist()),
+                              p_ok=None if p_ok is None else p_ok.tolist(), p_ok2=None if p_ok2 is None else p_ok2.tolist(),
+                              ok1b=[bool(x) for x in ok1b] or None, p_okb=p_okb or None),
                ok_if_right=float(says_ok[ok1].mean()) if ok1.any() else None,
                ok_if_wrong=float(says_ok[~ok1].mean()) if (~ok1).any() else None, **critic,
                examples=[dict(prompt=jobs[i]["prompt"], think1=th1[i], think2=th2[i], right1=bool(ok1[i]),
@@ -275,6 +285,9 @@ def evaluate_irg(model, ae, specs, a, device, out_dir=None, log=print):
               f"{fmt_p(res['ok_if_wrong'])} of the wrong ones; critic AUROC {fmt_p(res['critic_auroc'])}, "
               f"on the redrawn image2s {fmt_p(res['critic2_auroc'])}"
               + (f"; the higher-scored image (select): {res['select']:.3f}" if res["select"] is not None else "")]
+    if "best2" in res:
+        lines.append(f"control, two independent first images ({res['image1']:.3f}, {res['image1b']:.3f}), "
+                     f"the higher-scored one (best2): {res['best2']:.3f}")
     if res["keep_curve"]:
         lines.append("image2 if image1 were kept where P(correct) >= tau: "
                      + ", ".join(f"{t} {v:.3f}" for t, v in res["keep_curve"].items()))
@@ -519,7 +532,7 @@ def main(argv=None):
         ok = world.encode(world.PROBLEMS["ok"])          # "the image is correct": --irg_keep / --irg_keep_p, model.irg_generate
         evaluate_irg(model, ae, specs, dict(a, **irg_defaults, max_think=a["irg_max_think"], keep_ids=ok if a["irg_keep"] else None,
                                             cfg_text2=a["irg_cfg_text2"], cfg_img=a["irg_cfg_img"], oracle=a["irg_oracle"],
-                                            ok_ids=ok, keep_p=a["irg_keep_p"], select=a["irg_select"]), device,
+                                            ok_ids=ok, keep_p=a["irg_keep_p"], select=a["irg_select"], best2=a["irg_best2"]), device,
                      os.path.join(a["out"], "irg"))
     summary = evaluate(model, ae, specs, dict(a, modes=a["modes"].replace("irg", "")), device, a["out"])
     if a["unified"]:

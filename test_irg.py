@@ -483,5 +483,14 @@ def test_evaluate_py_irg_mode(tiny_ckpt, tmp_path):
     s = json.load(open(tmp_path / "irg" / "summary.json"))
     assert (tmp_path / "irg" / "grid_irg.png").exists() and s["n"] == 12
     assert set(s["per_tag"]) == set(world.TAGS) and 0 <= s["image1"] <= 1 and 0 <= s["image2"] <= 1
+    # --irg_best2: a second first image per prompt and its critic score; best2 and select are the higher-scored
+    # images' accuracy (mean over tags, one prompt per tag here), from the per-image results saved beside them
+    evaluate.main(["--ckpt", tiny_ckpt, "--modes", "irg", "--n", "1", "--k", "1", "--sample_steps", "2", "--irg_max_think", "4",
+                   "--und", "0", "--irg_best2", "1", "--out", str(tmp_path / "b")])
+    s = json.load(open(tmp_path / "b" / "irg" / "summary.json"))
+    im = {k: np.array(v) for k, v in s["per_image"].items()}
+    assert all(len(v) == 12 for v in im.values()) and not np.array_equal(im["p_ok"], im["p_okb"])
+    assert s["best2"] == pytest.approx(np.where(im["p_okb"] > im["p_ok"], im["ok1b"], im["ok1"]).mean())
+    assert s["select"] == pytest.approx(np.where(im["p_ok2"] > im["p_ok"], im["ok2"], im["ok1"]).mean())
     with pytest.raises(ValueError, match="think, forced, irg"):
         evaluate.main(["--ckpt", tiny_ckpt, "--modes", "reflect"])
