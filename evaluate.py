@@ -45,7 +45,7 @@ defaults = dict(ckpt="data/base", eval="data/eval.jsonl", out="runs/eval", n=50,
                 sample_steps=25, cfg=4.0, shift=3.0, temperature=0.7, max_think=64, seed=0,
                 modes="think,forced", und=True, grid_cols=8, irg_max_think=80, unified=0, unified_steps=10,
                 encoder="data/base", clip="", auroc=0, captions=0, irg_keep=False, irg_cfg_text2=4.0, irg_cfg_img=2.0,
-                irg_oracle=False, irg_keep_p=0.0, irg_select=False, irg_best2=False)
+                irg_oracle=False, irg_keep_p=0.0, irg_select=False, irg_best2=False, irg_fresh2=False)
 # IRG inference (--modes irg), the upstream IRG eval script's settings (design.md section 4)
 # (think2 names the problem, then the whole layout: --irg_max_think, 80 as irg.py, bounds each think;
 # --irg_cfg_text2 / --irg_cfg_img: image2's guidance, as irg.py's --cfg_text2 / --cfg_img;
@@ -53,7 +53,8 @@ defaults = dict(ckpt="data/base", eval="data/eval.jsonl", out="runs/eval", n=50,
 # --irg_keep_p TAU: keep image1 where the critic's P("the image is correct") >= TAU, as irg.py's --keep_p;
 # --irg_select 1: the critic rereads the redrawn image2 and the higher-scored image is image2, as irg.py's --select;
 # --irg_best2 1: the control for both: a second, independent think1 + image1 per prompt, and the one of the two
-# first images the same critic scores higher (no reflection, no redraw: what a second sample alone buys))
+# first images the same critic scores higher (no reflection, no redraw: what a second sample alone buys);
+# --irg_fresh2 1: image2 drawn from the prompt and think2's redraw plan alone, as irg.py's --fresh2)
 irg_defaults = dict(temperature=0.3, cfg_text=4.0, cfg_lo1=0.4)
 ranges = dict(n=">= 1", k=">= 1", batch=">= 1", sample_steps=">= 1", cfg=">= 0", shift="> 0", temperature=">= 0",
               max_think=">= 1", grid_cols=">= 1", irg_max_think=">= 1", unified=">= 0", unified_steps=">= 1",
@@ -532,7 +533,8 @@ def main(argv=None):
         ok = world.encode(world.PROBLEMS["ok"])          # "the image is correct": --irg_keep / --irg_keep_p, model.irg_generate
         evaluate_irg(model, ae, specs, dict(a, **irg_defaults, max_think=a["irg_max_think"], keep_ids=ok if a["irg_keep"] else None,
                                             cfg_text2=a["irg_cfg_text2"], cfg_img=a["irg_cfg_img"], oracle=a["irg_oracle"],
-                                            ok_ids=ok, keep_p=a["irg_keep_p"], select=a["irg_select"], best2=a["irg_best2"]), device,
+                                            ok_ids=ok, keep_p=a["irg_keep_p"], select=a["irg_select"], best2=a["irg_best2"],
+                                            fresh2=world.encode("redraw :") if a["irg_fresh2"] else None), device,
                      os.path.join(a["out"], "irg"))
     summary = evaluate(model, ae, specs, dict(a, modes=a["modes"].replace("irg", "")), device, a["out"])
     if a["unified"]:

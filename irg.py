@@ -35,6 +35,8 @@ Inference (irg_generate; the upstream IRG eval script's settings, design.md sect
   --select (an option of ours, not upstream's): the critic rereads the redrawn image2 in image1's place
   (model.critic_reread) and image2 is whichever of the two images it scores higher, so a redraw that
   broke a right image can be taken back. Without it, every eval reports what it would give (select).
+  --fresh2 (an ablation of ours): image2 is drawn as image1 was, from P and the plan think2 writes after
+  "redraw :" (model.redraw_plan), with image1 and the problem out of its context.
 
 IRGL (training). Data from the world, on training prompts only (world.candidates never draws an eval
 prompt). --tags image (default): knowledge and counts 5-6 are left out as in pre-training, where their
@@ -124,6 +126,7 @@ defaults = dict(
     keep=False,         # a think2 of "the image is correct ..." keeps image1 as image2 (off: always redraw, upstream)
     keep_p=0.0,         # > 0: keep image1 where P(think2 begins "the image is correct") >= keep_p (model.critic_p)
     select=False,       # image2 = the image (image1 or the redraw) the critic scores higher (model.critic_reread)
+    fresh2=False,       # ablation: image2 drawn from P + think2's redraw plan alone, image1 out of its context
     gen_batch=60,
     # IRGL
     stage1_steps=300, stage2_steps=100, batch=16, lr=1e-4, warmup=10, clip=1.0, t_shift=1.0, cfg_drop=0.1, img2_w=1.0,
@@ -144,7 +147,7 @@ STAGE_WEIGHTS = {1: dict(initial_full=1.0, improving_full=1.0, initial_thinking_
                  2: dict(initial_full=1.0, improving_full=1.0)}
 # settings that make the IRGL data and the base's evals: a --resume must match them (runs.saved_rollouts)
 MADE_WITH = ("ckpt", "seed", "n_prompts", "tags", "hold_nouns", "fix_from", "N", "n_flaw", "n_edit", "n_init", "near", "temperature", "max_think", "sample_steps",
-             "cfg_text", "cfg_text2", "cfg_img", "cfg_lo1", "cfg_lo2", "shift", "keep", "keep_p", "select", "eval_n", "eval_k")
+             "cfg_text", "cfg_text2", "cfg_img", "cfg_lo1", "cfg_lo2", "shift", "keep", "keep_p", "select", "fresh2", "eval_n", "eval_k")
 IMAGE_TAGS = [t for t in world.TAGS if t not in ("knowledge", "counting_hard")]   # pre-training's image tags
 
 
@@ -158,7 +161,8 @@ from model import cfg_combine, draw_first, img_uncond_ids, irg_generate  # noqa:
 def sampler(a):
     s = {k: a[k] for k in ("temperature", "max_think", "sample_steps", "cfg_text", "cfg_text2", "cfg_img", "cfg_lo1", "cfg_lo2", "shift")}
     ok = world.encode(world.PROBLEMS["ok"])
-    return dict(s, keep_ids=ok if a["keep"] else None, ok_ids=ok, keep_p=a["keep_p"], select=a["select"])
+    return dict(s, keep_ids=ok if a["keep"] else None, ok_ids=ok, keep_p=a["keep_p"], select=a["select"],
+                fresh2=world.encode("redraw :") if a["fresh2"] else None)
 
 
 # ----------------------------------------------------------------------------- IRGL data

@@ -837,6 +837,9 @@ def irg_generate(model, ae, prompts, s, palette, generator=None):
       keep_p     keep image1 where that probability is >= keep_p, whatever think2 was sampled
       select     the critic also reads the redrawn image2 as it read image1 (critic_reread) and the
                  returned image2 is whichever of the two it scores higher (an option of ours, not upstream's)
+      fresh2     the ids of "redraw :": image2 is drawn as image1 was (text CFG cfg_text on [cfg_lo1, 1]), from
+                 <bos> P <think> and the plan think2 writes after them, image1 and the problem out of its
+                 context (redraw_plan; an ablation of ours: does image2 gain from seeing image1?)
     palette: the AE's decoding palette (palette).
     Returns dict(think1, think2 (token lists), switched1, switched2, z1, z2, img1, img2 (uint8 numpy),
     kept [B] bool, p_ok [B] or None, p_ok2 [B] or None: the critic on the image2 returned before select)."""
@@ -866,7 +869,11 @@ def irg_generate(model, ae, prompts, s, palette, generator=None):
     ts = shift_t(torch.linspace(1, 0, s["sample_steps"] + 1), s["shift"]).tolist()
     ct2 = s.get("cfg_text2", s["cfg_text"])                       # image2's text CFG (default: image1's)
     guided = ct2 != 1.0 or s["cfg_img"] != 1.0
-    for i in range(s["sample_steps"]):
+    if s.get("fresh2"):     # the ablation: the same noise, drawn from P and the redraw plan alone
+        fresh, _ = prefill(model, [[BOS] + list(p) + [THINK] + redraw_plan(t, s["fresh2"]) for p, t in zip(prompts, t2)], dev)
+        unc, _ = prefill(model, [[BOS, VS]] * B, dev)
+        x = sample_image(model, fresh, unc, s["sample_steps"], s["cfg_text"], (s["cfg_lo1"], 1.0), shift=s["shift"], x1=x)
+    for i in range(0 if s.get("fresh2") else s["sample_steps"]):
         t, dt = ts[i], ts[i] - ts[i + 1]
         v = noise_velocity(model, cache, x, t)
         if guided and t >= s.get("cfg_lo2", 0.0):
@@ -916,6 +923,17 @@ def critic_reread(model, ae, prompts, t1, imgs, ids):
     append_text(model, cache, torch.full((len(prompts), 1), VE, device=dev))
     logits = append_text(model, cache, torch.full((len(prompts), 1), THINK, device=dev))
     return critic_p(model, cache, logits, ids)
+
+
+def redraw_plan(t2, marker):
+    """The plan a think2 writes after `marker` (the ids of "redraw :"), closed by </think> <|vision_start|>
+    as a think1 is; all of think2 where the marker is missing."""
+    t = list(t2)
+    at = [i for i in range(len(t) - len(marker) + 1) if t[i:i + len(marker)] == list(marker)]
+    t = t[at[-1] + len(marker):] if at else t
+    while t and t[-1] in (VS, EOS, END_THINK):
+        t = t[:-1]
+    return t + [END_THINK, VS]
 
 
 def img_uncond_ids(p, t1, t2):

@@ -198,6 +198,29 @@ def test_critic_reread_scores_image2_in_image1s_place_and_select_returns_the_hig
         M.irg_generate(m, ae, prompts, dict(irg.sampler(s), ok_ids=None, select=True), world.PALETTE)
 
 
+def test_fresh2_draws_image2_from_the_prompt_and_the_redraw_plan_alone():
+    """--fresh2: image2 is image1's sampler (text CFG on [cfg_lo1, 1], <bos> <vs> uncond) run on
+    <bos> P <think> + the plan after "redraw :", from the same noise the IRG redraw would start from."""
+    m, ae = tiny_pair(2)
+    prompts = [world.encode("a photo of a red circle"), world.encode("a photo of two blue squares")]
+    marker = world.encode("redraw :")
+    s = dict(irg.defaults, sample_steps=3, max_think=6, temperature=0.0)
+    out = M.irg_generate(m, ae, prompts, dict(irg.sampler(s), fresh2=marker), world.PALETTE, torch.Generator().manual_seed(4))
+    g = torch.Generator().manual_seed(4)
+    torch.randn(2, 16, 32, generator=g)                        # image1's noise, then image2's
+    x2 = torch.randn(2, 16, 32, generator=g)
+    for r, p in enumerate(prompts):
+        plan = M.redraw_plan(out["think2"][r], marker)
+        ctx, _ = M.prefill(m, [[M.BOS] + p + [M.THINK] + plan], "cpu")
+        unc, _ = M.prefill(m, [[M.BOS, M.VS]], "cpu")
+        want = M.sample_image(m, ctx, unc, 3, s["cfg_text"], (s["cfg_lo1"], 1.0), shift=s["shift"], x1=x2[r:r + 1])
+        assert torch.allclose(torch.as_tensor(out["z2"][r]), want[0], atol=1e-4)
+    # the plan: what follows the last "redraw :", closed as a think1 is; all of think2 without the marker
+    t = world.encode("the count is wrong . redraw : a small red circle at the top .")
+    assert M.redraw_plan(t + [M.END_THINK, M.VS], marker) == world.encode("a small red circle at the top .") + [M.END_THINK, M.VS]
+    assert M.redraw_plan(world.encode("a red circle") + [M.EOS], marker) == world.encode("a red circle") + [M.END_THINK, M.VS]
+
+
 def test_cfg_combine_is_bagels_nesting():
     vc, vt, vi = torch.randn(3, 2, 16, 32).unbind(0)
     v = irg.cfg_combine(vc, vt, vi, 4.0, 2.0)
