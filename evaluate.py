@@ -263,7 +263,14 @@ def evaluate_irg(model, ae, specs, a, device, out_dir=None, log=print):
     critic.update(critic2_auroc=auroc(p_ok2[redrawn], ok2[redrawn]) if p_ok2 is not None and redrawn.sum() > 1 else None,
                   select=None if p_ok2 is None or a.get("select") else mean_tags(np.where(p_ok2 > p_ok, ok2, ok1)))
     if ok1b:
-        critic.update(image1b=mean_tags(np.array(ok1b)), best2=mean_tags(np.where(np.array(p_okb) > p_ok, ok1b, ok1)))
+        ok1b = np.array(ok1b)
+        critic.update(image1b=mean_tags(ok1b), best2=mean_tags(np.where(np.array(p_okb) > p_ok, ok1b, ok1)))
+        # on the prompts whose image1 IRG redrew: the redraw against a fresh first image, wrong and right image1s apart
+        w, r = ~ok1 & redrawn, ok1 & redrawn
+        critic.update(redrawn_wrong=int(w.sum()), fix_redraw=float(ok2[w].mean()) if w.any() else None,
+                      fix_fresh=float(ok1b[w].mean()) if w.any() else None, redrawn_right=int(r.sum()),
+                      break_redraw=float((~ok2[r]).mean()) if r.any() else None,
+                      break_fresh=float((~ok1b[r]).mean()) if r.any() else None)
     res = dict(image1=mean_tags(ok1), image2=mean_tags(ok2),
                fix=float(ok2[~ok1].mean()) if (~ok1).any() else None, n_wrong1=int((~ok1).sum()),
                **{"break": float((~ok2[ok1]).mean()) if ok1.any() else None}, n_right1=int(ok1.sum()),
@@ -288,7 +295,9 @@ def evaluate_irg(model, ae, specs, a, device, out_dir=None, log=print):
               + (f"; the higher-scored image (select): {res['select']:.3f}" if res["select"] is not None else "")]
     if "best2" in res:
         lines.append(f"control, two independent first images ({res['image1']:.3f}, {res['image1b']:.3f}), "
-                     f"the higher-scored one (best2): {res['best2']:.3f}")
+                     f"the higher-scored one (best2): {res['best2']:.3f}; of the {res['redrawn_wrong']} wrong image1s "
+                     f"IRG redrew, the redraw is right {fmt_p(res['fix_redraw'])}, a fresh first image {fmt_p(res['fix_fresh'])}; "
+                     f"of the {res['redrawn_right']} right ones, wrong {fmt_p(res['break_redraw'])} / {fmt_p(res['break_fresh'])}")
     if res["keep_curve"]:
         lines.append("image2 if image1 were kept where P(correct) >= tau: "
                      + ", ".join(f"{t} {v:.3f}" for t, v in res["keep_curve"].items()))
