@@ -516,8 +516,7 @@ def report(root):
     """Median and half-range over seeds of every row of root/*/summary.json -> root/report.md."""
     if not os.path.isdir(root):
         raise FileNotFoundError(f"--report {root}: no such folder; pass the folder that holds the runs (e.g. runs/irg)")
-    runs_ = [json.load(open(os.path.join(root, d, "summary.json"))) for d in sorted(os.listdir(root))
-             if os.path.exists(os.path.join(root, d, "summary.json"))]
+    runs_ = [json.load(open(os.path.join(d, "summary.json"))) for d in run_dirs(root)]
     if not runs_:
         raise FileNotFoundError(f"{root}: no */summary.json; run `python irg.py --out {root}/s0` first")
     fmt = lambda v: f"{np.median(v):.3f} ± {(max(v) - min(v)) / 2:.3f}"  # noqa: E731
@@ -548,10 +547,16 @@ def report(root):
     return runs_
 
 
+def run_dirs(root):
+    """The finished irg.py runs under root (an evaluate.py folder beside them has a summary.json without rows)."""
+    dirs = [os.path.join(root, d) for d in sorted(os.listdir(root)) if os.path.exists(os.path.join(root, d, "summary.json"))]
+    return [d for d in dirs if "rows" in json.load(open(os.path.join(d, "summary.json")))]
+
+
 def held_noun_table(root):
     """Runs made with --hold_nouns: knowledge accuracy on the nouns IRGL trained on against the nouns it
     never saw (HELD_NOUNS), from the IRG evals' per-prompt results. Lines for report.md ([] otherwise)."""
-    dirs = [os.path.join(root, d) for d in sorted(os.listdir(root)) if os.path.exists(os.path.join(root, d, "summary.json"))]
+    dirs = run_dirs(root)
     if not dirs or not all(json.load(open(os.path.join(d, "config.json"))).get("hold_nouns") for d in dirs):
         return []
     out = ["", "knowledge (--hold_nouns): nouns IRGL trained on / nouns it never saw; median ± half the range", "",

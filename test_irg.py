@@ -407,8 +407,11 @@ def test_report_splits_knowledge_into_trained_and_held_nouns(tmp_path):
         (d / "config.json").write_text(json.dumps(dict(hold_nouns=True)))
         row = dict(image1=0.5, image2=0.5, fix=None, brk=None, per_tag={"knowledge": [0.5, 0.5]})
         (d / "summary.json").write_text(json.dumps(dict(seed=seed, rows={"IRGL stages 1+2": row})))
+    (tmp_path / "oracle_s0").mkdir()                    # an evaluate.py folder beside the runs: not a run, skipped
+    (tmp_path / "oracle_s0" / "summary.json").write_text(json.dumps(dict(gen_think=0.5)))
     irg.report(str(tmp_path))
     text = (tmp_path / "report.md").read_text()
+    assert text.startswith("2 seeds (0, 1)")
     assert "| IRGL stages 1+2: image2 | 1.000 ± 0.000 | 0.250 ± 0.250 |" in text     # trained | held: median, half-range
     (tmp_path / "s1" / "config.json").write_text(json.dumps(dict(hold_nouns=False)))
     irg.report(str(tmp_path))
