@@ -260,11 +260,17 @@ def evaluate_irg(model, ae, specs, a, device, out_dir=None, log=print):
     # --irg_select was applied, the image2 that select would have returned (the higher-scored image)
     p_ok2 = np.array(p_ok2) if p_ok is not None and len(p_ok2) == len(jobs) else None
     redrawn = ~np.array(kept, dtype=bool)
-    critic.update(critic2_auroc=auroc(p_ok2[redrawn], ok2[redrawn]) if p_ok2 is not None and redrawn.sum() > 1 else None,
-                  select=None if p_ok2 is None or a.get("select") else mean_tags(np.where(p_ok2 > p_ok, ok2, ok1)))
+    picks = {}          # the picked images' right / wrong, for the per-tag table (per_tag_picks)
+    if p_ok2 is not None and not a.get("select"):
+        picks["select"] = np.where(p_ok2 > p_ok, ok2, ok1)
     if ok1b:
         ok1b = np.array(ok1b)
-        critic.update(image1b=mean_tags(ok1b), best2=mean_tags(np.where(np.array(p_okb) > p_ok, ok1b, ok1)))
+        picks.update(image1b=ok1b, best2=np.where(np.array(p_okb) > p_ok, ok1b, ok1))
+    critic.update(critic2_auroc=auroc(p_ok2[redrawn], ok2[redrawn]) if p_ok2 is not None and redrawn.sum() > 1 else None,
+                  select=mean_tags(picks["select"]) if "select" in picks else None,
+                  per_tag_picks={t: {k: float(v[tag_of == t].mean()) for k, v in picks.items()} for t in tags} if picks else None)
+    if len(ok1b):
+        critic.update(image1b=mean_tags(ok1b), best2=mean_tags(picks["best2"]))
         # on the prompts whose image1 IRG redrew: the redraw against a fresh first image, wrong and right image1s apart
         w, r = ~ok1 & redrawn, ok1 & redrawn
         critic.update(redrawn_wrong=int(w.sum()), fix_redraw=float(ok2[w].mean()) if w.any() else None,

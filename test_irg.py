@@ -517,6 +517,7 @@ def test_evaluate_py_irg_mode(tiny_ckpt, tmp_path):
     im = {k: np.array(v) for k, v in s["per_image"].items()}
     assert all(len(v) == 12 for v in im.values()) and not np.array_equal(im["p_ok"], im["p_okb"])
     assert s["best2"] == pytest.approx(np.where(im["p_okb"] > im["p_ok"], im["ok1b"], im["ok1"]).mean())
+    assert np.mean([v["best2"] for v in s["per_tag_picks"].values()]) == pytest.approx(s["best2"])
     assert s["select"] == pytest.approx(np.where(im["p_ok2"] > im["p_ok"], im["ok2"], im["ok1"]).mean())
     w = ~im["ok1"] & ~im["kept"]           # the wrong image1s IRG redrew: its redraw against the fresh first image
     assert s["redrawn_wrong"] == w.sum() and s["fix_fresh"] == pytest.approx(im["ok1b"][w].mean())
