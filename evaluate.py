@@ -267,10 +267,11 @@ def evaluate_irg(model, ae, specs, a, device, out_dir=None, log=print):
         ok1b = np.array(ok1b)
         picks.update(image1b=ok1b, best2=np.where(np.array(p_okb) > p_ok, ok1b, ok1))
     critic.update(critic2_auroc=auroc(p_ok2[redrawn], ok2[redrawn]) if p_ok2 is not None and redrawn.sum() > 1 else None,
+                  pick_acc=pick_accuracy(p_ok[redrawn], p_ok2[redrawn], ok1[redrawn], ok2[redrawn]) if p_ok2 is not None else None,
                   select=mean_tags(picks["select"]) if "select" in picks else None,
                   per_tag_picks={t: {k: float(v[tag_of == t].mean()) for k, v in picks.items()} for t in tags} if picks else None)
     if len(ok1b):
-        critic.update(image1b=mean_tags(ok1b), best2=mean_tags(picks["best2"]))
+        critic.update(image1b=mean_tags(ok1b), best2=mean_tags(picks["best2"]), pick_acc_best2=pick_accuracy(p_ok, p_okb, ok1, ok1b))
         # on the prompts whose image1 IRG redrew: the redraw against a fresh first image, wrong and right image1s apart
         w, r = ~ok1 & redrawn, ok1 & redrawn
         critic.update(redrawn_wrong=int(w.sum()), fix_redraw=float(ok2[w].mean()) if w.any() else None,
@@ -298,7 +299,8 @@ def evaluate_irg(model, ae, specs, a, device, out_dir=None, log=print):
               f"think2 says image1 is right: {fmt_p(res['ok_if_right'])} of the right ones, "
               f"{fmt_p(res['ok_if_wrong'])} of the wrong ones; critic AUROC {fmt_p(res['critic_auroc'])}, "
               f"on the redrawn image2s {fmt_p(res['critic2_auroc'])}"
-              + (f"; the higher-scored image (select): {res['select']:.3f}" if res["select"] is not None else "")]
+              + (f"; the higher-scored image (select): {res['select']:.3f}" if res["select"] is not None else "")
+              + f"; it picks the right one of a redrawn pair that differs {fmt_p(res['pick_acc'])} of the time"]
     if "best2" in res:
         lines.append(f"control, two independent first images ({res['image1']:.3f}, {res['image1b']:.3f}), "
                      f"the higher-scored one (best2): {res['best2']:.3f}; of the {res['redrawn_wrong']} wrong image1s "
@@ -320,6 +322,18 @@ def evaluate_irg(model, ae, specs, a, device, out_dir=None, log=print):
 
 
 KEEP_TAUS = (0.5, 0.3, 0.2, 0.1, 0.05)
+
+
+def pick_accuracy(p_a, p_b, ok_a, ok_b):
+    """How often a critic picks the right one of two images of the same prompt, over the pairs where exactly
+    one of the two is right (ties count one half); None without such a pair. Unlike the AUROC over all
+    images, prompts of different difficulty are never compared: it is what select and best2 rely on."""
+    p_a, p_b, ok_a, ok_b = (np.asarray(x) for x in (p_a, p_b, ok_a, ok_b))
+    d = ok_a.astype(bool) != ok_b.astype(bool)
+    if not d.any():
+        return None
+    right_higher = np.where(ok_a[d], p_a[d] - p_b[d], p_b[d] - p_a[d])
+    return float(np.mean((right_higher > 0) + 0.5 * (right_higher == 0)))
 
 
 def oracle_think2(chunk, rng):

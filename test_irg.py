@@ -221,6 +221,14 @@ def test_fresh2_draws_image2_from_the_prompt_and_the_redraw_plan_alone():
     assert M.redraw_plan(world.encode("a red circle") + [M.EOS], marker) == world.encode("a red circle") + [M.END_THINK, M.VS]
 
 
+def test_pick_accuracy_counts_only_pairs_that_differ():
+    import evaluate
+    ok_a, ok_b = [1, 0, 1, 1, 0], [0, 1, 1, 0, 0]          # pairs 0, 1 and 3 differ
+    p_a, p_b = [0.9, 0.8, 0.1, 0.5, 0.3], [0.2, 0.3, 0.9, 0.5, 0.1]
+    assert evaluate.pick_accuracy(p_a, p_b, ok_a, ok_b) == pytest.approx((1 + 0 + 0.5) / 3)
+    assert evaluate.pick_accuracy(p_a, p_b, ok_a, ok_a) is None
+
+
 def test_cfg_combine_is_bagels_nesting():
     vc, vt, vi = torch.randn(3, 2, 16, 32).unbind(0)
     v = irg.cfg_combine(vc, vt, vi, 4.0, 2.0)
