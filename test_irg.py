@@ -38,6 +38,20 @@ def v_full(m, segs_ctx, x, t):
     return m.velocity(h[b["kind"][0] == M.NOISE])
 
 
+def critic_logp_full(m, ae, p, t1, img, ok):
+    """log P(think2 begins with ok | <bos> P <think> T1 <vs> [img] <ve> <think>), recomputed uncached token by token."""
+    ctx = [M.BOS] + p + [M.THINK] + t1
+    ctx = ctx if ctx[-1] == M.VS else ctx + [M.VS]
+    zc = ae.encode(torch.as_tensor(img[None]))[0]
+    tail, lp = [M.VE, M.THINK], 0.0
+    for tok in ok:
+        with torch.no_grad():
+            h, _ = full(m, [("text", ctx, 0), ("clean", zc), ("text", tail, 0)])
+            lp += float(torch.log_softmax(m.logits(h[-1]).float(), -1)[tok])
+        tail = tail + [tok]
+    return lp
+
+
 def next_greedy(m, segs):
     h, _ = full(m, segs)
     return int(m.logits(h[-1]).argmax())
@@ -144,15 +158,7 @@ def test_critic_p_is_the_uncached_probability_and_keep_p_keeps_exactly_above_it(
                                        torch.Generator().manual_seed(2))
     off = run(dict(ok_ids=ok))
     for r, p in enumerate(prompts):
-        ctx = [M.BOS] + p + [M.THINK] + off["think1"][r]
-        ctx = ctx if ctx[-1] == M.VS else ctx + [M.VS]
-        zc = ae.encode(torch.as_tensor(off["img1"][r:r + 1]))[0]
-        tail, lp = [M.VE, M.THINK], 0.0
-        for tok in ok:
-            with torch.no_grad():
-                h, _ = full(m, [("text", ctx, 0), ("clean", zc), ("text", tail, 0)])
-            lp += float(torch.log_softmax(m.logits(h[-1]).float(), -1)[tok])
-            tail = tail + [tok]
+        lp = critic_logp_full(m, ae, p, off["think1"][r], off["img1"][r], ok)
         assert abs(lp - np.log(off["p_ok"][r])) < 1e-3, (lp, np.log(off["p_ok"][r]))     # log: p is ~1e-8 here
     tau = float(np.median(off["p_ok"]))
     on = run(dict(ok_ids=ok, keep_p=tau))
@@ -179,15 +185,7 @@ def test_critic_reread_scores_image2_in_image1s_place_and_select_returns_the_hig
     again = M.critic_reread(m, ae, prompts, off["think1"], torch.as_tensor(off["img1"]), ok).numpy()
     assert np.allclose(np.log(again), np.log(off["p_ok"]), atol=1e-3)
     for r, p in enumerate(prompts):
-        ctx = [M.BOS] + p + [M.THINK] + off["think1"][r]
-        ctx = ctx if ctx[-1] == M.VS else ctx + [M.VS]
-        zc = ae.encode(torch.as_tensor(off["img2"][r:r + 1]))[0]
-        tail, lp = [M.VE, M.THINK], 0.0
-        for tok in ok:
-            with torch.no_grad():
-                h, _ = full(m, [("text", ctx, 0), ("clean", zc), ("text", tail, 0)])
-            lp += float(torch.log_softmax(m.logits(h[-1]).float(), -1)[tok])
-            tail = tail + [tok]
+        lp = critic_logp_full(m, ae, p, off["think1"][r], off["img2"][r], ok)
         assert abs(lp - np.log(off["p_ok2"][r])) < 1e-3, (lp, np.log(off["p_ok2"][r]))
     on = run(dict(select=True))
     back = off["p_ok"] >= off["p_ok2"]
