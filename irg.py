@@ -416,8 +416,9 @@ def main(argv=None):
         # --anchor: image2's drawer as the base drew it. At image2's noise tokens (improving modes) the
         # velocity is pulled to the frozen base's on the same packed input,
         #   L_anchor = || v_theta(x_t, t | ctx) - v_base(x_t, t | ctx) ||^2,
-        # so what the text losses move in image2's context (session 8: fix 0.43 -> 0.31, break 0.16 -> 0.27
-        # with the verifier's reflection) is undone where image2 reads it; the targets are the base's own draws.
+        # meant to undo, where image2 reads it, what the text losses move in its context (session 8: fix
+        # 0.43 -> 0.31, break 0.16 -> 0.27 with the verifier's reflection). Measured (RESULTS.md, session 9):
+        # it stays ~0.002 and does not hold the drawer at the eval's contexts.
         anc = [k for k, i in enumerate(has) if modes[i].startswith("improving")] if ref is not None else []
         loss_anchor = v.sum() * 0
         if anc:

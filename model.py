@@ -861,24 +861,25 @@ def irg_generate(model, ae, prompts, s, palette, generator=None):
         force_text(model, cache, t2)
     sw2 = force_switch(model, cache, t2)
     append_text(model, text_unc, torch.full((B, 1), VS, device=dev))
-    # the img-uncond context: all the text, no image (image1 dropped with its <vs> ... <ve>)
-    img_unc, _ = prefill(model, [img_uncond_ids(p, a, b) for p, a, b in zip(prompts, t1, t2)], dev)
     # step 5: image2, Euler from t = 1 (noise) to 0 with the three fields combined
     c = model.c
     x = torch.randn(B, c.n_img, c.latent_ch, device=dev, generator=generator)
-    ts = shift_t(torch.linspace(1, 0, s["sample_steps"] + 1), s["shift"]).tolist()
-    ct2 = s.get("cfg_text2", s["cfg_text"])                       # image2's text CFG (default: image1's)
-    guided = ct2 != 1.0 or s["cfg_img"] != 1.0
-    if s.get("fresh2"):     # the ablation: the same noise, drawn from P and the redraw plan alone
+    if s.get("fresh2"):     # the ablation: the same noise, drawn as image1 was from P and the redraw plan alone
         fresh, _ = prefill(model, [[BOS] + list(p) + [THINK] + redraw_plan(t, s["fresh2"]) for p, t in zip(prompts, t2)], dev)
         unc, _ = prefill(model, [[BOS, VS]] * B, dev)
         x = sample_image(model, fresh, unc, s["sample_steps"], s["cfg_text"], (s["cfg_lo1"], 1.0), shift=s["shift"], x1=x)
-    for i in range(0 if s.get("fresh2") else s["sample_steps"]):
-        t, dt = ts[i], ts[i] - ts[i + 1]
-        v = noise_velocity(model, cache, x, t)
-        if guided and t >= s.get("cfg_lo2", 0.0):
-            v = cfg_combine(v, noise_velocity(model, text_unc, x, t), noise_velocity(model, img_unc, x, t), ct2, s["cfg_img"])
-        x = x - v * dt                                            # v = eps - x0: step toward the data
+    else:
+        # the img-uncond context: all the text, no image (image1 dropped with its <vs> ... <ve>)
+        img_unc, _ = prefill(model, [img_uncond_ids(p, a, b) for p, a, b in zip(prompts, t1, t2)], dev)
+        ts = shift_t(torch.linspace(1, 0, s["sample_steps"] + 1), s["shift"]).tolist()
+        ct2 = s.get("cfg_text2", s["cfg_text"])                   # image2's text CFG (default: image1's)
+        guided = ct2 != 1.0 or s["cfg_img"] != 1.0
+        for i in range(s["sample_steps"]):
+            t, dt = ts[i], ts[i] - ts[i + 1]
+            v = noise_velocity(model, cache, x, t)
+            if guided and t >= s.get("cfg_lo2", 0.0):
+                v = cfg_combine(v, noise_velocity(model, text_unc, x, t), noise_velocity(model, img_unc, x, t), ct2, s["cfg_img"])
+            x = x - v * dt                                        # v = eps - x0: step toward the data
     img2 = ae.decode(x, palette)
     # keep (an inference option, off upstream): where the model's own reflection says image1 is right,
     # image2 is image1, as IRGL's keep records teach, instead of a redraw that can break it
