@@ -223,7 +223,8 @@ def evaluate_irg(model, ae, specs, a, device, out_dir=None, log=print):
     model.eval()
     jobs = [s for s in specs for _ in range(a["k"])]
     g = torch.Generator(device).manual_seed(a["seed"])
-    ok1, ok2, im1, im2, th1, th2, kept, p_ok, p_ok2, ok1b, p_okb = [], [], [], [], [], [], [], [], [], [], []
+    ok1, ok2, im1, im2, th1, th2, kept, p_ok, p_ok2, ok1b, p_okb, same = [], [], [], [], [], [], [], [], [], [], [], []
+    redraw = world.encode("redraw :")
     t0, prog = time.time(), Progress("eval irg", len(jobs))
     for i in range(0, len(jobs), a["batch"]):
         prog(i)
@@ -241,6 +242,8 @@ def evaluate_irg(model, ae, specs, a, device, out_dir=None, log=print):
             ok1b += [world.verify(s, x)["correct"] for s, x in zip(chunk, img1b.cpu().numpy())]
             p_okb += M.critic_reread(model, ae, prompts, t1b, img1b, a["ok_ids"]).tolist()
         th1 += [world.decode(t) for t in out["think1"]]; th2 += [world.decode(t) for t in out["think2"]]
+        # does think2's redraw plan repeat think1's? (compared as model.redraw_plan closes both)
+        same += [M.redraw_plan(b, redraw) == M.redraw_plan(a_, redraw) for a_, b in zip(out["think1"], out["think2"])]
     ok1, ok2 = np.array(ok1), np.array(ok2)
     # the reflection as a critic: how often think2 calls image1 right, given what the verifier says
     says_ok = np.array([t.startswith(world.PROBLEMS["ok"]) for t in th2])
@@ -278,6 +281,8 @@ def evaluate_irg(model, ae, specs, a, device, out_dir=None, log=print):
                       fix_fresh=float(ok1b[w].mean()) if w.any() else None, redrawn_right=int(r.sum()),
                       break_redraw=float((~ok2[r]).mean()) if r.any() else None,
                       break_fresh=float((~ok1b[r]).mean()) if r.any() else None)
+    same = np.array(same)
+    critic.update(plan_repeats=float(same[~ok1 & redrawn].mean()) if (~ok1 & redrawn).any() else None)
     res = dict(image1=mean_tags(ok1), image2=mean_tags(ok2),
                fix=float(ok2[~ok1].mean()) if (~ok1).any() else None, n_wrong1=int((~ok1).sum()),
                **{"break": float((~ok2[ok1]).mean()) if ok1.any() else None}, n_right1=int(ok1.sum()),
@@ -300,7 +305,8 @@ def evaluate_irg(model, ae, specs, a, device, out_dir=None, log=print):
               f"{fmt_p(res['ok_if_wrong'])} of the wrong ones; critic AUROC {fmt_p(res['critic_auroc'])}, "
               f"on the redrawn image2s {fmt_p(res['critic2_auroc'])}"
               + (f"; the higher-scored image (select): {res['select']:.3f}" if res["select"] is not None else "")
-              + f"; it picks the right one of a redrawn pair that differs {fmt_p(res['pick_acc'])} of the time"]
+              + f"; it picks the right one of a redrawn pair that differs {fmt_p(res['pick_acc'])} of the time",
+              f"of the wrong image1s redrawn, think2's redraw plan repeats think1's for {fmt_p(res['plan_repeats'])}"]
     if "best2" in res:
         lines.append(f"control, two independent first images ({res['image1']:.3f}, {res['image1b']:.3f}), "
                      f"the higher-scored one (best2): {res['best2']:.3f}; of the {res['redrawn_wrong']} wrong image1s "

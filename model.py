@@ -930,7 +930,7 @@ def redraw_plan(t2, marker):
     """The plan a think2 writes after `marker` (the ids of "redraw :"), closed by </think> <|vision_start|>
     as a think1 is; all of think2 where the marker is missing."""
     t = list(t2)
-    at = [i for i in range(len(t) - len(marker) + 1) if t[i:i + len(marker)] == list(marker)]
+    at = [i for i in range(len(t) - len(marker) + 1) if t[i:i + len(marker)] == list(marker)] if marker else []
     t = t[at[-1] + len(marker):] if at else t
     while t and t[-1] in (VS, EOS, END_THINK):
         t = t[:-1]

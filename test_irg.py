@@ -217,6 +217,7 @@ def test_fresh2_draws_image2_from_the_prompt_and_the_redraw_plan_alone():
     t = world.encode("the count is wrong . redraw : a small red circle at the top .")
     assert M.redraw_plan(t + [M.END_THINK, M.VS], marker) == world.encode("a small red circle at the top .") + [M.END_THINK, M.VS]
     assert M.redraw_plan(world.encode("a red circle") + [M.EOS], marker) == world.encode("a red circle") + [M.END_THINK, M.VS]
+    assert M.redraw_plan(world.encode("a red circle"), []) == world.encode("a red circle") + [M.END_THINK, M.VS]
 
 
 def test_pick_accuracy_counts_only_pairs_that_differ():
@@ -527,5 +528,6 @@ def test_evaluate_py_irg_mode(tiny_ckpt, tmp_path):
     assert s["select"] == pytest.approx(np.where(im["p_ok2"] > im["p_ok"], im["ok2"], im["ok1"]).mean())
     w = ~im["ok1"] & ~im["kept"]           # the wrong image1s IRG redrew: its redraw against the fresh first image
     assert s["redrawn_wrong"] == w.sum() and s["fix_fresh"] == pytest.approx(im["ok1b"][w].mean())
+    assert 0 <= s["plan_repeats"] <= 1          # every image1 of the random model is wrong and redrawn
     with pytest.raises(ValueError, match="think, forced, irg"):
         evaluate.main(["--ckpt", tiny_ckpt, "--modes", "reflect"])
