@@ -224,20 +224,20 @@ def evaluate_irg(model, ae, specs, a, device, out_dir=None, log=print):
     jobs = [s for s in specs for _ in range(a["k"])]
     g = torch.Generator(device).manual_seed(a["seed"])
     ok1, ok2, im1, im2, th1, th2, kept, p_ok, p_ok2, ok1b, p_okb, same = [], [], [], [], [], [], [], [], [], [], [], []
-    redraw = world.encode("redraw :")
+    redraw = world.encode(world.REDRAW)
     t0, prog = time.time(), Progress("eval irg", len(jobs))
     for i in range(0, len(jobs), a["batch"]):
         prog(i)
         chunk = jobs[i:i + a["batch"]]
         oracle = dict(think2_fn=oracle_think2(chunk, np.random.default_rng(a["seed"] + i))) if a.get("oracle") else {}
-        out = M.irg_generate(model, ae, [world.encode(s["prompt"]) for s in chunk], dict(a, **oracle), world.PALETTE, g)
+        prompts = [world.encode(s["prompt"]) for s in chunk]
+        out = M.irg_generate(model, ae, prompts, dict(a, **oracle), world.PALETTE, g)
         ok1 += [world.verify(s, x)["correct"] for s, x in zip(chunk, out["img1"])]
         ok2 += [world.verify(s, x)["correct"] for s, x in zip(chunk, out["img2"])]
         im1 += list(out["img1"]); im2 += list(out["img2"]); kept += out["kept"].tolist()
         p_ok += [] if out["p_ok"] is None else out["p_ok"].tolist()
         p_ok2 += [] if out["p_ok2"] is None else out["p_ok2"].tolist()
         if a.get("best2"):      # the control: think1 + image1 drawn again from scratch, read by the same critic
-            prompts = [world.encode(s["prompt"]) for s in chunk]
             _, t1b, _, _, img1b, _ = M.draw_first(model, ae, prompts, a, world.PALETTE, g)
             ok1b += [world.verify(s, x)["correct"] for s, x in zip(chunk, img1b.cpu().numpy())]
             p_okb += M.critic_reread(model, ae, prompts, t1b, img1b, a["ok_ids"]).tolist()
@@ -263,17 +263,17 @@ def evaluate_irg(model, ae, specs, a, device, out_dir=None, log=print):
     # --irg_select was applied, the image2 that select would have returned (the higher-scored image)
     p_ok2 = np.array(p_ok2) if p_ok is not None and len(p_ok2) == len(jobs) else None
     redrawn = ~np.array(kept, dtype=bool)
+    ok1b, p_okb = np.array(ok1b, dtype=bool), np.array(p_okb)
     picks = {}          # the picked images' right / wrong, for the per-tag table (per_tag_picks)
     if p_ok2 is not None and not a.get("select"):
         picks["select"] = np.where(p_ok2 > p_ok, ok2, ok1)
-    if ok1b:
-        ok1b = np.array(ok1b)
-        picks.update(image1b=ok1b, best2=np.where(np.array(p_okb) > p_ok, ok1b, ok1))
+    if ok1b.size:
+        picks.update(image1b=ok1b, best2=np.where(p_okb > p_ok, ok1b, ok1))
     critic.update(critic2_auroc=auroc(p_ok2[redrawn], ok2[redrawn]) if p_ok2 is not None and redrawn.sum() > 1 else None,
                   pick_acc=pick_accuracy(p_ok[redrawn], p_ok2[redrawn], ok1[redrawn], ok2[redrawn]) if p_ok2 is not None else None,
                   select=mean_tags(picks["select"]) if "select" in picks else None,
                   per_tag_picks={t: {k: float(v[tag_of == t].mean()) for k, v in picks.items()} for t in tags} if picks else None)
-    if len(ok1b):
+    if ok1b.size:
         critic.update(image1b=mean_tags(ok1b), best2=mean_tags(picks["best2"]), pick_acc_best2=pick_accuracy(p_ok, p_okb, ok1, ok1b))
         # on the prompts whose image1 IRG redrew: the redraw against a fresh first image, wrong and right image1s apart
         w, r = ~ok1 & redrawn, ok1 & redrawn
@@ -292,7 +292,7 @@ def evaluate_irg(model, ae, specs, a, device, out_dir=None, log=print):
                # per image, in job order (a control can combine runs: the best of two image1s by the critic)
                per_image=dict(ok1=ok1.tolist(), ok2=ok2.tolist(), kept=[bool(k) for k in kept],
                               p_ok=None if p_ok is None else p_ok.tolist(), p_ok2=None if p_ok2 is None else p_ok2.tolist(),
-                              ok1b=[bool(x) for x in ok1b] or None, p_okb=p_okb or None),
+                              ok1b=ok1b.tolist() or None, p_okb=p_okb.tolist() or None),
                ok_if_right=float(says_ok[ok1].mean()) if ok1.any() else None,
                ok_if_wrong=float(says_ok[~ok1].mean()) if (~ok1).any() else None, **critic,
                examples=[dict(prompt=jobs[i]["prompt"], think1=th1[i], think2=th2[i], right1=bool(ok1[i]),
@@ -351,8 +351,7 @@ def oracle_think2(chunk, rng):
         out = []
         for s, im in zip(chunk, imgs):
             v = world.verify(s, im)
-            t = (f"{v['problem']} . redraw : {world.caption(v['objects'])}" if v["correct"] else
-                 world.reflection_text(s, v, world.render(s, rng, holdout="any")[1]))
+            t = world.reflection_text(s, v, v["objects"] if v["correct"] else world.render(s, rng, holdout="any")[1])
             out.append(world.encode(t) + [M.END_THINK, M.VS])
         return out
     return fn
@@ -569,7 +568,7 @@ def main(argv=None):
         evaluate_irg(model, ae, specs, dict(a, **irg_defaults, max_think=a["irg_max_think"], keep_ids=ok if a["irg_keep"] else None,
                                             cfg_text2=a["irg_cfg_text2"], cfg_img=a["irg_cfg_img"], oracle=a["irg_oracle"],
                                             ok_ids=ok, keep_p=a["irg_keep_p"], select=a["irg_select"], best2=a["irg_best2"],
-                                            fresh2=world.encode("redraw :") if a["irg_fresh2"] else None), device,
+                                            fresh2=world.encode(world.REDRAW) if a["irg_fresh2"] else None), device,
                      os.path.join(a["out"], "irg"))
     summary = evaluate(model, ae, specs, dict(a, modes=a["modes"].replace("irg", "")), device, a["out"])
     if a["unified"]:

@@ -162,7 +162,7 @@ def sampler(a):
     s = {k: a[k] for k in ("temperature", "max_think", "sample_steps", "cfg_text", "cfg_text2", "cfg_img", "cfg_lo1", "cfg_lo2", "shift")}
     ok = world.encode(world.PROBLEMS["ok"])
     return dict(s, keep_ids=ok if a["keep"] else None, ok_ids=ok, keep_p=a["keep_p"], select=a["select"],
-                fresh2=world.encode("redraw :") if a["fresh2"] else None)
+                fresh2=world.encode(world.REDRAW) if a["fresh2"] else None)
 
 
 # ----------------------------------------------------------------------------- IRGL data
@@ -267,7 +267,7 @@ def build_irgl(model, ae, specs, a, device, log):
         # --fix_from self: the fix is another of the model's own draws of this prompt that the verifier passed
         right = [d for d in drawn[i - i % a["N"]:i - i % a["N"] + a["N"]] if d[4]["correct"]] if a["fix_from"] == "self" else []
         if v["correct"]:                            # keep: think2 says so, image2 is image1
-            t2, im2 = f"{v['problem']} . redraw : {world.caption(v['objects'])}", im
+            t2, im2 = world.reflection_text(s, v, v["objects"]), im
         elif right:                                 # fix: what is wrong, the layout the model drew right, that image
             d = right[int(rng.integers(len(right)))]
             t2, im2 = world.reflection_text(s, v, d[4]["objects"]), d[3]

@@ -833,10 +833,13 @@ def judge_scores(spec, img):
     top = sorted(v["objects"], key=lambda o: -o["area"])[:5]
     return g, [(o["box"], float(o["verdict"])) for o in top]
 
+REDRAW = "redraw :"     # think2's words before its plan (model.redraw_plan reads the plan after them)
+
+
 def reflection_text(spec, img_or_verdict, target_scene):
     """IRG's reflection (think2): what is wrong, then the plan to redraw."""
     v = img_or_verdict if isinstance(img_or_verdict, dict) else verify(spec, img_or_verdict)
-    return f"{v['problem']} . redraw : {caption(target_scene)}"
+    return f"{v['problem']} . {REDRAW} {caption(target_scene)}"
 
 # -----------------------------------------------------------------------------
 # prompt files
