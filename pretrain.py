@@ -29,6 +29,9 @@ Task mixture (design section 3). Each sample is a list of segments for model.pac
 the vqa / judge / region samples reads one of these instead of a render or a negative, with the
 answer the exact verifier gives on it. The judge learns on the kind of image it will judge: the
 model's own samples (issue 12), not only clean renders.
+--own_reflect F: a share F of the reflect samples shows one of these images as image1, and think2 is the
+verifier's reflection on it (IRG, issue 14: the critic in think2 learns on the model's own drawings, the
+images IRG's inference reflects on; otherwise image1 is a render or a render's negative).
 Images of knowledge prompts and of counts 5-6 never appear (held out to test transfer), nor
 do held-out (colour, shape) pairs or (shape, relation, shape) triples, nor eval prompts.
 --und_transfer: the vqa / judge / region samples draw their prompts from all twelve tags, so the
@@ -58,14 +61,14 @@ defaults = dict(
     depth=8, batch=128, steps=20000, lr=3e-4, warmup=300, cooldown=0.2, wd=0.0, clip=1.0,
     ema=0.999, t_shift=1.0, cfg_drop=0.1, dtype="bf16", workers=2, seed=0, row_len=160, compile=False, mix="",
     log_every=50, ckpt_every=1000, eval_every=0, eval_n=8, minutes=0.0, max_minutes=0.0, stop_after=0, dump_grads="",
-    own_n=0, own_frac=0.5, own_batch=256, und_transfer=False,
+    own_n=0, own_frac=0.5, own_batch=256, own_reflect=0.0, und_transfer=False,
     ae_init="", ae_steps=3000, ae_minutes=0.0, ae_batch=32, ae_width=16, ae_lr=2e-3, ae_noise=0.2,
 )
 choices = dict(stage=("ae", "umm"), dtype=("fp32", "bf16"))
 ranges = dict(depth=">= 1", batch=">= 1", steps=">= 1", lr="> 0", warmup=">= 1", cooldown="0..1", wd=">= 0", clip="> 0",
               ema="0..1", t_shift="> 0", cfg_drop="0..1", workers=">= 0", log_every=">= 1", ckpt_every=">= 1",
               eval_every=">= 0", eval_n=">= 1", minutes=">= 0", max_minutes=">= 0", stop_after=">= 0", ae_steps=">= 1",
-              own_n=">= 0", own_frac="0..1", own_batch=">= 1", ae_minutes=">= 0", ae_batch=">= 1", ae_width=">= 8", ae_lr="> 0", ae_noise=">= 0")
+              own_n=">= 0", own_frac="0..1", own_reflect="0..1", own_batch=">= 1", ae_minutes=">= 0", ae_batch=">= 1", ae_width=">= 8", ae_lr="> 0", ae_noise=">= 0")
 MIX = dict(t2i=0.24, think=0.2, caption=0.1, vqa=0.16, judge=0.07, region=0.07, reflect=0.1, fact=0.06)
 
 
@@ -172,9 +175,16 @@ def make_sample(task, rng, banned, own=None, und_transfer=False):
             q = world.region_judge_prompt(spec["prompt"], box)
         return head + [("text", [M.VE] + enc(q), 0), ("text", enc("score : " + world.format_score(s)) + [M.EOS], 1.0)]
     if task == "reflect":
+        # --own_reflect: image1 is one of the model's own drawings, so think2 learns to criticise the kind of
+        # image IRG's inference shows it (renders and their negatives are all it sees otherwise)
+        mine = own is not None and own.get("reflect", 0) > 0 and rng.random() < own["reflect"]
+        if mine:
+            j = int(rng.integers(len(own["specs"])))
+            spec, flawed = own["specs"][j], own["images"][j]
         target, scene = world.render(spec, rng, holdout="train")
-        flawed = target if rng.random() < 0.25 else world.negative(spec, rng, holdout="train")[0]
-        fix = world.reflection_text(spec, flawed, scene)
+        if not mine:
+            flawed = target if rng.random() < 0.25 else world.negative(spec, rng, holdout="train")[0]
+        fix = world.reflection_text(spec, flawed, scene)      # the verifier's verdict on image1, then the plan
         return [("text", [M.BOS] + enc(spec["prompt"]) + [M.THINK], 0),
                 ("text", enc(world.plan_text(scene)) + [M.END_THINK, M.VS], 1.0), ("img_clean", flawed),
                 ("text", [M.VE, M.THINK], 0), ("text", enc(fix) + [M.END_THINK, M.VS], 1.0), ("img_noise", target)]
@@ -273,7 +283,7 @@ def own_pool(umm, ae, a, device, rank):
     if len(f["images"]) != a["own_n"]:
         raise ValueError(f"{path} holds {len(f['images'])} images, --own_n asks {a['own_n']}; it belongs to another "
                          f"run: start this one with --overwrite (it draws a new pool) or another --out")
-    return dict(images=f["images"], specs=json.loads(str(f["specs"])), frac=a["own_frac"])
+    return dict(images=f["images"], specs=json.loads(str(f["specs"])), frac=a["own_frac"], reflect=a["own_reflect"])
 
 
 def to_device(b, ae, device):
@@ -386,6 +396,9 @@ def main(argv=None):
     if a["resume"]:
         a = resumed_args(a)
     parse_mix(a["mix"])
+    if a["own_reflect"] and not a["own_n"]:
+        raise ValueError(f"--own_reflect {a['own_reflect']} shows the model's own images, and there are none: "
+                         f"add --own_n N (e.g. --own_n 2048) to draw them, or drop --own_reflect")
     rank, world_size, local, device = setup_dist()
     if a["batch"] % world_size:
         raise ValueError(f"--batch {a['batch']} must be divisible by the number of processes ({world_size})")

@@ -351,6 +351,40 @@ def test_own_pool_feeds_the_judge_tasks_with_the_verifiers_answers(tiny_ckpt, tm
                                         for x, y in zip(a, b))
 
 
+def test_own_reflect_shows_the_models_own_image_with_the_verifiers_reflection(tiny_ckpt, tmp_path):
+    """pretrain.py --own_reflect (issue 14): a reflect sample's image1 is one of the model's own images,
+    its think2 the verifier's reflection on that image, its prompt and image2 that image's spec; at 0 the
+    stream is the plain one, sample for sample; without a pool the flag is refused before any work."""
+    import pretrain as P
+    banned = world.eval_prompts()
+    rng = np.random.default_rng(3)
+    spec = P.train_spec(rng, banned, ("two_object",))
+    neg = world.negative(spec, rng, holdout="train")[0]
+    own = dict(specs=[spec], images=np.stack([neg]), frac=0.0, reflect=1.0)
+    segs = P.make_sample("reflect", np.random.default_rng(4), banned, own)
+    kinds = [s[0] for s in segs]
+    assert kinds == ["text", "text", "img_clean", "text", "text", "img_noise"]
+    assert np.array_equal(segs[2][1], neg)                                  # image1: the pool's image
+    assert world.decode(segs[0][1][1:-1]) == spec["prompt"]                 # <bos> P <think>: the pool image's prompt
+    think2 = world.decode(segs[4][1][:-2])                                  # ... </think> <vs>
+    problem = world.verify(spec, neg)["problem"]
+    assert problem != "the image is correct" and think2.startswith(problem + " . " + world.REDRAW)
+    assert world.verify(spec, segs[5][1])["correct"]                         # image2: a right render of that spec
+    plan2 = think2.split(world.REDRAW)[1]
+    assert world.caption_score(plan2, world.detect(segs[5][1])) == 1.0                # the redraw plan is image2's
+    # own_reflect 0 (and a pool that only feeds the judge): the plain stream, sample for sample
+    for seed in range(20):
+        a = P.make_sample("reflect", np.random.default_rng([9, seed]), banned, dict(own, reflect=0.0, frac=1.0))
+        b = P.make_sample("reflect", np.random.default_rng([9, seed]), banned, None)
+        assert len(a) == len(b) and all(x[0] == y[0] and np.array_equal(np.asarray(x[1]), np.asarray(y[1]))
+                                        for x, y in zip(a, b))
+    r = subprocess.run([sys.executable, os.path.join(HERE, "pretrain.py"), "--init_from", tiny_ckpt, "--out",
+                        str(tmp_path / "run"), "--own_reflect", "0.5", "--steps", "1", "--workers", "0"],
+                       env=dict(os.environ, PYTHONPATH=HERE), cwd=HERE, capture_output=True, text=True, timeout=120)
+    assert r.returncode != 0 and "--own_reflect 0.5" in r.stderr and "--own_n" in r.stderr, r.stderr[-1000:]
+    assert not (tmp_path / "run").exists()                                  # refused before the run folder
+
+
 def test_und_transfer_reaches_understanding_only():
     """pretrain --und_transfer: vqa / judge / region ask about knowledge nouns and counts 5-6; the
     generation tasks never draw them, with or without the flag; without it the stream is unchanged."""
