@@ -32,6 +32,10 @@ model's own samples (issue 12), not only clean renders.
 --own_reflect F: a share F of the reflect samples shows one of these images as image1, and think2 is the
 verifier's reflection on it (IRG, issue 14: the critic in think2 learns on the model's own drawings, the
 images IRG's inference reflects on; otherwise image1 is a render or a render's negative).
+--reflect_replan F: in a share F of the reflect samples whose image1 is wrong, think1 is the plan image1 was
+drawn from (a negative's own layout, or the model's own think1 for its drawings; no loss on it), so a wrong
+image1 can come from a wrong plan, as at inference, and think2's redraw plan is a new, right layout. Without
+it think1 is always the right plan that the redraw plan repeats word for word (RESULTS "data/base_v4").
 Images of knowledge prompts and of counts 5-6 never appear (held out to test transfer), nor
 do held-out (colour, shape) pairs or (shape, relation, shape) triples, nor eval prompts.
 --und_transfer: the vqa / judge / region samples draw their prompts from all twelve tags, so the
@@ -61,14 +65,14 @@ defaults = dict(
     depth=8, batch=128, steps=20000, lr=3e-4, warmup=300, cooldown=0.2, wd=0.0, clip=1.0,
     ema=0.999, t_shift=1.0, cfg_drop=0.1, dtype="bf16", workers=2, seed=0, row_len=160, compile=False, mix="",
     log_every=50, ckpt_every=1000, eval_every=0, eval_n=8, minutes=0.0, max_minutes=0.0, stop_after=0, dump_grads="",
-    own_n=0, own_frac=0.5, own_batch=256, own_reflect=0.0, und_transfer=False,
+    own_n=0, own_frac=0.5, own_batch=256, own_reflect=0.0, reflect_replan=0.0, und_transfer=False,
     ae_init="", ae_steps=3000, ae_minutes=0.0, ae_batch=32, ae_width=16, ae_lr=2e-3, ae_noise=0.2,
 )
 choices = dict(stage=("ae", "umm"), dtype=("fp32", "bf16"))
 ranges = dict(depth=">= 1", batch=">= 1", steps=">= 1", lr="> 0", warmup=">= 1", cooldown="0..1", wd=">= 0", clip="> 0",
               ema="0..1", t_shift="> 0", cfg_drop="0..1", workers=">= 0", log_every=">= 1", ckpt_every=">= 1",
               eval_every=">= 0", eval_n=">= 1", minutes=">= 0", max_minutes=">= 0", stop_after=">= 0", ae_steps=">= 1",
-              own_n=">= 0", own_frac="0..1", own_reflect="0..1", own_batch=">= 1", ae_minutes=">= 0", ae_batch=">= 1", ae_width=">= 8", ae_lr="> 0", ae_noise=">= 0")
+              own_n=">= 0", own_frac="0..1", own_reflect="0..1", reflect_replan="0..1", own_batch=">= 1", ae_minutes=">= 0", ae_batch=">= 1", ae_width=">= 8", ae_lr="> 0", ae_noise=">= 0")
 MIX = dict(t2i=0.24, think=0.2, caption=0.1, vqa=0.16, judge=0.07, region=0.07, reflect=0.1, fact=0.06)
 
 
@@ -132,9 +136,10 @@ def train_spec(rng, banned, tags=IMAGE_TAGS):
             return spec
 
 
-def make_sample(task, rng, banned, own=None, und_transfer=False):
+def make_sample(task, rng, banned, own=None, und_transfer=False, replan=0.0):
     """One sample as segments; images are still uint8 arrays ("img_clean"/"img_noise").
-    own: the pool of the model's own images (dict specs, images, frac) or None.
+    own: the pool of the model's own images (dict specs, images, frac, reflect, plans) or None.
+    replan: --reflect_replan's share (think1 = the plan a wrong image1 was drawn from).
     und_transfer: vqa / judge / region also ask about images of the two transfer tags (knowledge
     nouns, counts 5-6); the generation tasks (t2i, think, reflect) still never draw them."""
     enc = world.encode
@@ -178,20 +183,32 @@ def make_sample(task, rng, banned, own=None, und_transfer=False):
         # --own_reflect: image1 is one of the model's own drawings, so think2 learns to criticise the kind of
         # image IRG's inference shows it (renders and their negatives are all it sees otherwise)
         mine = own is not None and own.get("reflect", 0) > 0 and rng.random() < own["reflect"]
+        drawn_from = None                                     # the plan image1 was drawn from, where known
         if mine:
             j = int(rng.integers(len(own["specs"])))
             spec, flawed = own["specs"][j], own["images"][j]
+            drawn_from = own["plans"][j] if own.get("plans") else None
         target, scene = world.render(spec, rng, holdout="train")
         if not mine:
-            flawed = target if rng.random() < 0.25 else world.negative(spec, rng, holdout="train")[0]
-        fix = world.reflection_text(spec, flawed, scene)      # the verifier's verdict on image1, then the plan
-        return [("text", [M.BOS] + enc(spec["prompt"]) + [M.THINK], 0),
-                ("text", enc(world.plan_text(scene)) + [M.END_THINK, M.VS], 1.0), ("img_clean", flawed),
+            if rng.random() < 0.25:
+                flawed = target
+            else:
+                flawed, _, bad_scene = world.negative(spec, rng, holdout="train")
+                drawn_from = enc(world.plan_text(bad_scene)) + [M.END_THINK, M.VS] if bad_scene else None
+        v = world.verify(spec, flawed)
+        fix = world.reflection_text(spec, v, scene)           # the verifier's verdict on image1, then the plan
+        t1, w1 = enc(world.plan_text(scene)) + [M.END_THINK, M.VS], 1.0
+        # --reflect_replan: think1 is the (wrong) plan a wrong image1 follows, untrained; the redraw plan is new
+        if replan > 0 and not v["correct"] and drawn_from and drawn_from[-2:] == [M.END_THINK, M.VS] \
+                and rng.random() < replan:
+            t1, w1 = list(drawn_from), 0.0
+        return [("text", [M.BOS] + enc(spec["prompt"]) + [M.THINK], 0), ("text", t1, w1), ("img_clean", flawed),
                 ("text", [M.VE, M.THINK], 0), ("text", enc(fix) + [M.END_THINK, M.VS], 1.0), ("img_noise", target)]
     raise ValueError(task)
 
 
-def make_batch(seed, step, lo, hi, banned, cfg_drop, t_shift, C, row_len=None, mix=None, own=None, und_transfer=False):
+def make_batch(seed, step, lo, hi, banned, cfg_drop, t_shift, C, row_len=None, mix=None, own=None, und_transfer=False,
+               replan=0.0):
     """Samples lo..hi of the global batch of `step`, packed (on a CPU worker) into rows of
     row_len tokens holding many samples each (None: one sample per row). Each sample has
     its own RNG seeded by (seed, step, index), so the global batch is the same for any number
@@ -206,7 +223,7 @@ def make_batch(seed, step, lo, hi, banned, cfg_drop, t_shift, C, row_len=None, m
         rng = np.random.default_rng([seed, step, i])
         task = tasks[rng.choice(len(tasks), p=probs / probs.sum())]
         segs = []
-        for seg in make_sample(task, rng, banned, own, und_transfer):
+        for seg in make_sample(task, rng, banned, own, und_transfer, replan):
             if seg[0].startswith("img"):
                 images.append(seg[1])
                 if seg[0] == "img_clean":
@@ -251,7 +268,7 @@ class Stream(torch.utils.data.IterableDataset):
         step = self.start + k
         while True:
             yield make_batch(self.a["seed"], step, self.lo, self.hi, banned, self.a["cfg_drop"], self.a["t_shift"], self.C,
-                             self.a["row_len"] or None, mix, self.own, self.a["und_transfer"])
+                             self.a["row_len"] or None, mix, self.own, self.a["und_transfer"], self.a["reflect_replan"])
             step += n
 
 
@@ -275,6 +292,7 @@ def own_pool(umm, ae, a, device, rank):
         print(f"own pool: {len(specs)} think-mode images, {ok:.3f} correct by the verifier", flush=True)
         tmp = path + ".tmp.npz"                     # atomic: a killed run never leaves half a pool
         np.savez(tmp, images=np.stack(out["image"]).astype(np.uint8), specs=np.array(json.dumps(out["spec"])),
+                 plans=np.array(json.dumps([[int(t) for t in p] for p in out["think"]])),
                  correct_rate=np.array(ok))
         os.replace(tmp, path)
     if torch.distributed.is_initialized():
@@ -283,7 +301,11 @@ def own_pool(umm, ae, a, device, rank):
     if len(f["images"]) != a["own_n"]:
         raise ValueError(f"{path} holds {len(f['images'])} images, --own_n asks {a['own_n']}; it belongs to another "
                          f"run: start this one with --overwrite (it draws a new pool) or another --out")
-    return dict(images=f["images"], specs=json.loads(str(f["specs"])), frac=a["own_frac"], reflect=a["own_reflect"])
+    if a["reflect_replan"] and a["own_reflect"] and "plans" not in f.files:
+        raise ValueError(f"{path} was drawn before pools kept their plans, and --reflect_replan needs them: start the run "
+                         f"with --overwrite (it draws a new pool) or another --out")
+    return dict(images=f["images"], specs=json.loads(str(f["specs"])), frac=a["own_frac"], reflect=a["own_reflect"],
+                plans=json.loads(str(f["plans"])) if "plans" in f.files else None)
 
 
 def to_device(b, ae, device):

@@ -323,6 +323,8 @@ def test_own_pool_feeds_the_judge_tasks_with_the_verifiers_answers(tiny_ckpt, tm
     f = np.load(out / "own.npz")
     specs = json.loads(str(f["specs"]))
     assert f["images"].shape == (6, world.W, world.W, 3) and len(specs) == 6
+    plans = json.loads(str(f["plans"]))                                  # each image's think1, for --reflect_replan
+    assert len(plans) == 6 and all(isinstance(t, int) for p in plans for t in p)
     banned = world.eval_prompts()
     assert not any(s["prompt"] in banned for s in specs)                 # training prompts only
     # --overwrite with another --own_n draws a new pool (never the old run's)
@@ -383,6 +385,47 @@ def test_own_reflect_shows_the_models_own_image_with_the_verifiers_reflection(ti
                        env=dict(os.environ, PYTHONPATH=HERE), cwd=HERE, capture_output=True, text=True, timeout=120)
     assert r.returncode != 0 and "--own_reflect 0.5" in r.stderr and "--own_n" in r.stderr, r.stderr[-1000:]
     assert not (tmp_path / "run").exists()                                  # refused before the run folder
+
+
+def test_reflect_replan_shows_the_plan_a_wrong_image1_was_drawn_from():
+    """pretrain --reflect_replan: where image1 is wrong, think1 is the layout image1 follows (a negative's
+    own plan, or the model's own think1 for its drawing), with no loss on it; the redraw plan is image2's
+    right layout, and a right image1 keeps the plain sample."""
+    import pretrain as P
+    banned = world.eval_prompts()
+    seen = dict(replanned=0, right=0)
+
+    def objects(x):     # a plan's or an image's objects as (shape, colour) (a cell can differ at a border)
+        objs = world.parse_caption(x) or [] if isinstance(x, str) else world.detect(x)
+        return sorted((o["shape"], o["color"]) for o in objs)
+    for i in range(60):
+        segs = P.make_sample("reflect", np.random.default_rng([11, i]), banned, None, False, 1.0)
+        plain = P.make_sample("reflect", np.random.default_rng([11, i]), banned, None, False, 0.0)
+        img1, img2 = segs[2][1], segs[5][1]
+        assert np.array_equal(img1, plain[2][1]) and np.array_equal(img2, plain[5][1])   # same images, same think2
+        assert segs[4][1] == plain[4][1]
+        if world.decode(segs[4][1]).startswith("the image is correct"):
+            assert segs[1] == plain[1]                                                # a right image1: unchanged
+            seen["right"] += 1
+            continue
+        if segs[1][2] == 1.0:                          # an empty negative (no layout to plan): unchanged
+            assert segs[1] == plain[1]
+            continue
+        seen["replanned"] += 1
+        t1 = world.decode(segs[1][1][:-2])
+        assert segs[1][2] == 0.0 and plain[1][2] == 1.0                               # a wrong plan is never a target
+        assert objects(t1) == objects(img1)                                           # think1 is image1's layout
+        plan2 = world.decode(segs[4][1][:-2]).split(world.REDRAW)[1]
+        assert objects(plan2) == objects(img2) and plan2.strip() != t1.strip()       # the redraw plan: image2's
+    assert seen["replanned"] > 20 and seen["right"] > 5, seen
+    # the model's own drawings: think1 is the plan the pool kept for that image
+    rng = np.random.default_rng(3)
+    spec = P.train_spec(rng, banned, ("two_object",))
+    neg, _, bad_scene = world.negative(spec, rng, holdout="train")
+    own_plan = world.encode(world.plan_text(bad_scene)) + [M.END_THINK, M.VS]
+    own = dict(specs=[spec], images=np.stack([neg]), frac=0.0, reflect=1.0, plans=[own_plan])
+    segs = P.make_sample("reflect", np.random.default_rng(4), banned, own, False, 1.0)
+    assert segs[1] == ("text", own_plan, 0.0) and np.array_equal(segs[2][1], neg)
 
 
 def test_und_transfer_reaches_understanding_only():
