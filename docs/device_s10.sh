@@ -1,16 +1,19 @@
 # session 10, one device call (issue 14): two continuations of data/base (v3) trained side by side on one GPU,
 # the same data stream (seed 11) except that arm A's reflect samples show the model's own drawings as image1
 # (--own_reflect 0.5), then the IRG eval of v3, A and B on the GPU (all 600 eval prompts, seeds 0-1).
+# Another pair of arms from another start, e.g. the next lease's --reflect_replan test from v4:
+#   INIT=data/base_v4 ARM_A="--own_reflect 0.5 --reflect_replan 0.5" ARM_B="--own_reflect 0.5" bash docs/device_s10.sh
 set -o pipefail
 export PYTHONUNBUFFERED=1 OMP_NUM_THREADS=1
 nvidia-smi -L; python3 -c "import torch, triton; print(torch.__version__, triton.__version__, torch.cuda.get_device_name())"
 MIX="t2i=0.06,think=0.12,caption=0.14,vqa=0.26,judge=0.10,region=0.04,reflect=0.20,fact=0.08"
-P="--init_from data/base --batch ${BATCH:-512} --lr 1e-4 --warmup 100 --cooldown 0.3 --ema 0.998 --dtype bf16 --own_n ${OWN_N:-16384} --own_batch 2048
+INIT=${INIT:-data/base}
+P="--init_from $INIT --batch ${BATCH:-512} --lr 1e-4 --warmup 100 --cooldown 0.3 --ema 0.998 --dtype bf16 --own_n ${OWN_N:-16384} --own_batch 2048
    --own_frac 0.3 --und_transfer --mix $MIX --seed 11 --minutes ${MINUTES:-4.5} --max_minutes ${MAX_MINUTES:-5.5} --workers 7 --log_every 100
    --ckpt_every 100000 $EXTRA"
 rm -rf runs/gA runs/gB runs/ev runs/ev_*.log
-python3 pretrain.py $P --own_reflect 0.5 --out runs/gA > $OUT/A.log 2>&1 &
-python3 pretrain.py $P --own_reflect 0 --out runs/gB > $OUT/B.log 2>&1 &
+python3 pretrain.py $P ${ARM_A:---own_reflect 0.5} --out runs/gA > $OUT/A.log 2>&1 &
+python3 pretrain.py $P ${ARM_B:---own_reflect 0} --out runs/gB > $OUT/B.log 2>&1 &
 wait
 for r in A B; do mkdir -p $OUT/$r; cp runs/g$r/ckpt.safetensors runs/g$r/ckpt.json $OUT/$r/; done
 tar czf $OUT/metrics.tgz runs/gA/metrics.jsonl runs/gB/metrics.jsonl
@@ -22,7 +25,7 @@ ev() {   # ev NAME ARGS...: one evaluate.py run under the deadline, its headline
   for f in runs/ev/$1/*/summary.json runs/ev/$1/summary.json; do [ -f $f ] && python3 -c "import json; d=json.load(open('$f'))
 print('$1 $f', {k: round(v, 3) for k, v in d.items() if isinstance(v, (int, float))})"; done
 }
-for c in data/base runs/gA/ckpt runs/gB/ckpt; do ev irg_$(basename $(dirname $c))_s0 $E --ckpt $c --seed 0; done
-for c in data/base runs/gA/ckpt runs/gB/ckpt; do ev std_$(basename $(dirname $c)) --n ${EVAL_N:-50} --k 2 --auroc ${AUROC:-40} --batch 600 --ckpt $c; done
-for c in data/base runs/gA/ckpt runs/gB/ckpt; do ev irg_$(basename $(dirname $c))_s1 $E --ckpt $c --seed 1; done
+for c in $INIT runs/gA/ckpt runs/gB/ckpt; do ev irg_$(basename $(dirname $c))_s0 $E --ckpt $c --seed 0; done
+for c in $INIT runs/gA/ckpt runs/gB/ckpt; do ev std_$(basename $(dirname $c)) --n ${EVAL_N:-50} --k 2 --auroc ${AUROC:-40} --batch 600 --ckpt $c; done
+for c in $INIT runs/gA/ckpt runs/gB/ckpt; do ev irg_$(basename $(dirname $c))_s1 $E --ckpt $c --seed 1; done
 tar czf $OUT/evals.tgz runs/ev runs/ev_*.log 2>/dev/null
