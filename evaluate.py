@@ -45,7 +45,7 @@ defaults = dict(ckpt="data/base", eval="data/eval.jsonl", out="runs/eval", n=50,
                 sample_steps=25, cfg=4.0, shift=3.0, temperature=0.7, max_think=64, seed=0,
                 modes="think,forced", und=True, grid_cols=8, irg_max_think=80, unified=0, unified_steps=10,
                 encoder="data/base", clip="", auroc=0, captions=0, irg_keep=False, irg_cfg_text2=4.0, irg_cfg_img=2.0,
-                irg_oracle=False, irg_keep_p=0.0, irg_select=False, irg_best2=False, irg_fresh2=False)
+                irg_oracle=False, irg_keep_p=0.0, irg_select=False, irg_best2=False, irg_fresh2=False, irg_replan=0)
 # IRG inference (--modes irg), the upstream IRG eval script's settings (design.md section 4)
 # (think2 names the problem, then the whole layout: --irg_max_think, 80 as irg.py, bounds each think;
 # --irg_cfg_text2 / --irg_cfg_img: image2's guidance, as irg.py's --cfg_text2 / --cfg_img;
@@ -54,11 +54,12 @@ defaults = dict(ckpt="data/base", eval="data/eval.jsonl", out="runs/eval", n=50,
 # --irg_select 1: the critic rereads the redrawn image2 and the higher-scored image is image2, as irg.py's --select;
 # --irg_best2 1: the control for both: a second, independent think1 + image1 per prompt, and the one of the two
 # first images the same critic scores higher (no reflection, no redraw: what a second sample alone buys);
-# --irg_fresh2 1: image2 drawn from the prompt and think2's redraw plan alone, as irg.py's --fresh2)
+# --irg_fresh2 1: image2 drawn from the prompt and think2's redraw plan alone, as irg.py's --fresh2;
+# --irg_replan N: the re-planning probe (replan_probe) on N eval prompts per tag, think1 a wrong plan drawn faithfully)
 irg_defaults = dict(temperature=0.3, cfg_text=4.0, cfg_lo1=0.4)
 ranges = dict(n=">= 1", k=">= 1", batch=">= 1", sample_steps=">= 1", cfg=">= 0", shift="> 0", temperature=">= 0",
               max_think=">= 1", grid_cols=">= 1", irg_max_think=">= 1", unified=">= 0", unified_steps=">= 1",
-              auroc=">= 0", captions=">= 0", irg_cfg_text2=">= 0", irg_cfg_img=">= 0", irg_keep_p="0..1")
+              auroc=">= 0", captions=">= 0", irg_replan=">= 0", irg_cfg_text2=">= 0", irg_cfg_img=">= 0", irg_keep_p="0..1")
 
 
 @torch.no_grad()
@@ -224,6 +225,7 @@ def evaluate_irg(model, ae, specs, a, device, out_dir=None, log=print):
     jobs = [s for s in specs for _ in range(a["k"])]
     g = torch.Generator(device).manual_seed(a["seed"])
     ok1, ok2, im1, im2, th1, th2, kept, p_ok, p_ok2, ok1b, p_okb, same = [], [], [], [], [], [], [], [], [], [], [], []
+    pl1, pl2, plb = [], [], []      # are the plans right before drawing (world.plan_verdict): think1, the redraw's, best2's
     redraw = world.encode(world.REDRAW)
     t0, prog = time.time(), Progress("eval irg", len(jobs))
     for i in range(0, len(jobs), a["batch"]):
@@ -240,10 +242,13 @@ def evaluate_irg(model, ae, specs, a, device, out_dir=None, log=print):
         if a.get("best2"):      # the control: think1 + image1 drawn again from scratch, read by the same critic
             _, t1b, _, _, img1b, _ = M.draw_first(model, ae, prompts, a, world.PALETTE, g)
             ok1b += [world.verify(s, x)["correct"] for s, x in zip(chunk, img1b.cpu().numpy())]
+            plb += [world.plan_verdict(s, world.decode(t))["correct"] for s, t in zip(chunk, t1b)]
             p_okb += M.critic_reread(model, ae, prompts, t1b, img1b, a["ok_ids"]).tolist()
         th1 += [world.decode(t) for t in out["think1"]]; th2 += [world.decode(t) for t in out["think2"]]
         # does think2's redraw plan repeat think1's? (compared as model.redraw_plan closes both)
         same += [M.redraw_plan(b, redraw) == M.redraw_plan(a_, redraw) for a_, b in zip(out["think1"], out["think2"])]
+        pl1 += [world.plan_verdict(s, world.decode(t))["correct"] for s, t in zip(chunk, out["think1"])]
+        pl2 += [world.plan_verdict(s, world.decode(M.redraw_plan(t, redraw)))["correct"] for s, t in zip(chunk, out["think2"])]
     ok1, ok2 = np.array(ok1), np.array(ok2)
     # the reflection as a critic: how often think2 calls image1 right, given what the verifier says
     says_ok = np.array([t.startswith(world.PROBLEMS["ok"]) for t in th2])
@@ -283,6 +288,7 @@ def evaluate_irg(model, ae, specs, a, device, out_dir=None, log=print):
                       break_fresh=float((~ok1b[r]).mean()) if r.any() else None)
     same = np.array(same)
     critic.update(plan_repeats=float(same[~ok1 & redrawn].mean()) if (~ok1 & redrawn).any() else None)
+    critic["plans"] = plan_split(ok1, ok2, ok1b, np.array(pl1), np.array(pl2), np.array(plb, dtype=bool), redrawn)
     res = dict(image1=mean_tags(ok1), image2=mean_tags(ok2),
                fix=float(ok2[~ok1].mean()) if (~ok1).any() else None, n_wrong1=int((~ok1).sum()),
                **{"break": float((~ok2[ok1]).mean()) if ok1.any() else None}, n_right1=int(ok1.sum()),
@@ -292,7 +298,8 @@ def evaluate_irg(model, ae, specs, a, device, out_dir=None, log=print):
                # per image, in job order (a control can combine runs: the best of two image1s by the critic)
                per_image=dict(ok1=ok1.tolist(), ok2=ok2.tolist(), kept=[bool(k) for k in kept],
                               p_ok=None if p_ok is None else p_ok.tolist(), p_ok2=None if p_ok2 is None else p_ok2.tolist(),
-                              ok1b=ok1b.tolist() or None, p_okb=p_okb.tolist() or None),
+                              ok1b=ok1b.tolist() or None, p_okb=p_okb.tolist() or None,
+                              plan1=[bool(x) for x in pl1], plan2=[bool(x) for x in pl2], planb=[bool(x) for x in plb] or None),
                ok_if_right=float(says_ok[ok1].mean()) if ok1.any() else None,
                ok_if_wrong=float(says_ok[~ok1].mean()) if (~ok1).any() else None, **critic,
                examples=[dict(prompt=jobs[i]["prompt"], think1=th1[i], think2=th2[i], right1=bool(ok1[i]),
@@ -307,6 +314,15 @@ def evaluate_irg(model, ae, specs, a, device, out_dir=None, log=print):
               + (f"; the higher-scored image (select): {res['select']:.3f}" if res["select"] is not None else "")
               + f"; it picks the right one of a redrawn pair that differs {fmt_p(res['pick_acc'])} of the time",
               f"of the wrong image1s redrawn, think2's redraw plan repeats think1's for {fmt_p(res['plan_repeats'])}"]
+    pl = res["plans"]
+    lines.append(f"plans (world.plan_verdict): think1 right {pl['plan1_right']:.3f}; image1 right {fmt_p(pl['image1_if_plan_right'])} "
+                 f"where it is, {fmt_p(pl['image1_if_plan_wrong'])} where it is not; of the wrong image1s redrawn, "
+                 f"{pl['right_plan']['n']} drew a right plan (fixed by the redraw {fmt_p(pl['right_plan']['fix_redraw'])}"
+                 + (f", by a fresh draw {fmt_p(pl['right_plan']['fix_fresh'])}" if ok1b.size else "")
+                 + f") and {pl['wrong_plan']['n']} a wrong one (the redraw's plan right {fmt_p(pl['wrong_plan']['replan_right'])}, "
+                 f"fixed {fmt_p(pl['wrong_plan']['fix_redraw'])}"
+                 + (f"; a fresh plan right {fmt_p(pl['wrong_plan']['fresh_plan_right'])}, fixed {fmt_p(pl['wrong_plan']['fix_fresh'])}"
+                    if ok1b.size else "") + ")")
     if "best2" in res:
         lines.append(f"control, two independent first images ({res['image1']:.3f}, {res['image1b']:.3f}), "
                      f"the higher-scored one (best2): {res['best2']:.3f}; of the {res['redrawn_wrong']} wrong image1s "
@@ -328,6 +344,57 @@ def evaluate_irg(model, ae, specs, a, device, out_dir=None, log=print):
 
 
 KEEP_TAUS = (0.5, 0.3, 0.2, 0.1, 0.05)
+
+
+def plan_split(ok1, ok2, ok1b, pl1, pl2, plb, redrawn):
+    """A wrong image1 is a bad drawing of a right plan or a drawing of a wrong plan; only the first can
+    be fixed by re-drawing the same plan, only the second needs a new one. ok*: the images' verdicts;
+    pl1 / pl2 / plb: think1's, the redraw's and best2's plans right (ok1b, plb empty without best2)."""
+    m = lambda x, w: float(x[w].mean()) if w.any() else None       # noqa: E731
+    out = dict(plan1_right=float(pl1.mean()), image1_if_plan_right=m(ok1, pl1), image1_if_plan_wrong=m(ok1, ~pl1))
+    for name, w in (("right_plan", ~ok1 & redrawn & pl1), ("wrong_plan", ~ok1 & redrawn & ~pl1)):
+        out[name] = dict(n=int(w.sum()), fix_redraw=m(ok2, w), replan_right=m(pl2, w),
+                         fix_fresh=m(ok1b, w) if ok1b.size else None, fresh_plan_right=m(plb, w) if plb.size else None)
+    return out
+
+
+@torch.no_grad()
+def replan_probe(model, ae, specs, a, device, log=print):
+    """Can the reflection re-plan? The wrong image1s of IRG inference are drawings of wrong plans or bad
+    drawings of right ones (plan_split), and the wrong plans are too few on the image tags to measure a
+    re-planner by. Here every prompt gets one: think1 is the plan of a one-constraint negative
+    (world.negative) and image1 its render, as the model would draw it (it draws its plan), re-entered as
+    IRG re-enters image1; think2 is sampled as irg_generate samples it (a: temperature, max_think, seed).
+    Returns, per tag and overall (mean over tags): the share of think2s that call image1 wrong (flagged)
+    and of redraw plans that are right (replan_right, world.plan_verdict)."""
+    model.eval()
+    rng, g = np.random.default_rng(a["seed"]), torch.Generator(device).manual_seed(a["seed"])
+    jobs = []
+    for s in specs:
+        img, _, scene = world.negative(s, rng)
+        if scene:                                   # an empty negative has no plan to show
+            jobs.append((s, world.encode(world.plan_text(scene)) + [M.END_THINK, M.VS], img))
+    ok_ids, redraw = world.encode(world.PROBLEMS["ok"]), world.encode(world.REDRAW)
+    flagged, right = [], []
+    for i in range(0, len(jobs), a["batch"]):
+        chunk = jobs[i:i + a["batch"]]
+        cache, _ = M.prefill(model, [[M.BOS] + world.encode(s["prompt"]) + [M.THINK] + t for s, t, _ in chunk], device)
+        M.append_image(model, cache, ae.encode(torch.as_tensor(np.stack([im for _, _, im in chunk]), device=device)))
+        M.append_text(model, cache, torch.full((len(chunk), 1), M.VE, device=device))
+        logits = M.append_text(model, cache, torch.full((len(chunk), 1), M.THINK, device=device))
+        t2, _ = M.decode_text(model, cache, logits, {M.VS, M.EOS}, a["max_think"], a["temperature"], g)
+        flagged += [list(t[:len(ok_ids)]) != ok_ids for t in t2]
+        right += [world.plan_verdict(s, world.decode(M.redraw_plan(t, redraw)))["correct"] for (s, _, _), t in zip(chunk, t2)]
+    tag = np.array([s["tag"] for s, _, _ in jobs])
+    flagged, right = np.array(flagged), np.array(right)
+    per_tag = {t: dict(n=int((tag == t).sum()), flagged=float(flagged[tag == t].mean()), replan_right=float(right[tag == t].mean()))
+               for t in dict.fromkeys(tag.tolist())}
+    res = dict(n=len(jobs), flagged=float(np.mean([v["flagged"] for v in per_tag.values()])),
+               replan_right=float(np.mean([v["replan_right"] for v in per_tag.values()])), per_tag=per_tag)
+    log(f"re-planning probe ({len(jobs)} wrong plans drawn faithfully): think2 flags image1 {res['flagged']:.3f}, "
+        f"its redraw plan is right {res['replan_right']:.3f}; per tag (flagged / right): "
+        + ", ".join(f"{t} {v['flagged']:.2f} / {v['replan_right']:.2f}" for t, v in per_tag.items()))
+    return res
 
 
 def pick_accuracy(p_a, p_b, ok_a, ok_b):
@@ -583,7 +650,10 @@ def main(argv=None):
         summary["self_judgment"] = self_judgment(model, ae, a["auroc"], a, device)
     if a["captions"]:
         summary["captions"] = caption_eval(model, ae, a["captions"], device)
-    if a["unified"] or a["auroc"] or a["captions"]:
+    if a["irg_replan"]:
+        summary["replan_probe"] = replan_probe(model, ae, world.pick(world.load_specs(a["eval"]), a["irg_replan"]),
+                                               dict(a, **irg_defaults, max_think=a["irg_max_think"]), device)
+    if a["unified"] or a["auroc"] or a["captions"] or a["irg_replan"]:
         with open(os.path.join(a["out"], "summary.json"), "w") as f:
             json.dump(summary, f, indent=1)
     return summary

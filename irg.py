@@ -53,7 +53,9 @@ knowledge nouns (HELD_NOUNS) stay out, so the eval tells trained nouns from noun
                     of the model's --N draws of the prompt passed the verifier, image2 is that draw and
                     think2 redraws its layout, so image2's targets are images the drawer itself makes
      flaw    image1 = world.negative (a render that breaks exactly one constraint), think1 = the
-             plan of image2, image2 = the render nearest to image1 among --near, think2 = its reflection
+             plan of image2, image2 = the render nearest to image1 among --near, think2 = its reflection;
+             --flaw_plan drawn (ours; flaw and edit records): think1 = the plan image1 was drawn from,
+             with no loss, as at inference, where a wrong plan is drawn faithfully (first_plan)
      edit    image2 = a render, image1 = the same scene with one constraint broken in place (edit_flaw:
              wrong colour, shape swap, swapped colours, missing object), think2 = its reflection: the
              pair differs in that one thing only, which is what "fix it, keep the rest" means
@@ -121,6 +123,7 @@ defaults = dict(
     # IRGL data: prompts per tag (training prompts only), self-drawn image1s per prompt, flaws per prompt,
     # initial renders per prompt, candidate renders for "nearest to image1"
     n_prompts=24, N=1, n_flaw=1, n_edit=1, n_init=2, near=8, tags="image", hold_nouns=False, fix_from="render",
+    flaw_plan="target",   # think1 of flaw / edit records: the fix's plan, or "drawn": image1's own (first_plan)
     # inference (upstream IRG eval script)
     temperature=0.3, max_think=80, sample_steps=25, cfg_text=4.0, cfg_text2=4.0, cfg_img=2.0, cfg_lo1=0.4, cfg_lo2=0.0, shift=3.0,
     keep=False,         # a think2 of "the image is correct ..." keeps image1 as image2 (off: always redraw, upstream)
@@ -135,7 +138,8 @@ defaults = dict(
     # evaluation on the held-out eval set: eval_n prompts per tag, eval_k images each
     eval_n=10, eval_k=1, dtype="fp32",
 )
-choices = dict(dtype=("fp32", "bf16"), tags=("image", "all"), params=("all", "und"), fix_from=("render", "self"))
+choices = dict(dtype=("fp32", "bf16"), tags=("image", "all"), params=("all", "und"), fix_from=("render", "self"),
+               flaw_plan=("target", "drawn"))
 ranges = dict(n_prompts=">= 1", N=">= 0", n_flaw=">= 0", n_edit=">= 0", n_init=">= 1", near=">= 1", temperature=">= 0",
               max_think=">= 1", sample_steps=">= 1", cfg_text=">= 0", cfg_text2=">= 0", cfg_img=">= 0", cfg_lo1="0..1", cfg_lo2="0..1", shift="> 0", keep_p="0..1",
               gen_batch=">= 1", stage1_steps=">= 0", stage2_steps=">= 0", batch=">= 1", lr="> 0", warmup=">= 0",
@@ -146,7 +150,7 @@ STAGE_WEIGHTS = {1: dict(initial_full=1.0, improving_full=1.0, initial_thinking_
                          initial_thinking_und=0.5, improving_thinking_und=0.5),
                  2: dict(initial_full=1.0, improving_full=1.0)}
 # settings that make the IRGL data and the base's evals: a --resume must match them (runs.saved_rollouts)
-MADE_WITH = ("ckpt", "seed", "n_prompts", "tags", "hold_nouns", "fix_from", "N", "n_flaw", "n_edit", "n_init", "near", "temperature", "max_think", "sample_steps",
+MADE_WITH = ("ckpt", "seed", "n_prompts", "tags", "hold_nouns", "fix_from", "flaw_plan", "N", "n_flaw", "n_edit", "n_init", "near", "temperature", "max_think", "sample_steps",
              "cfg_text", "cfg_text2", "cfg_img", "cfg_lo1", "cfg_lo2", "shift", "keep", "keep_p", "select", "fresh2", "eval_n", "eval_k")
 IMAGE_TAGS = [t for t in world.TAGS if t not in ("knowledge", "counting_hard")]   # pre-training's image tags
 
@@ -183,7 +187,7 @@ def edit_flaw(spec, scene, rng):
     """A one-constraint flaw made by editing the target scene itself (the kinds of world.negative
     that leave the layout in place: wrong colour, shape swap, swapped colours, missing object), so
     that image1 and image2 differ in that one thing only: the "keep what is right" of IRG, exactly.
-    Returns the flawed scene, or None when no edit gives a flaw the verifier sees."""
+    Returns (the flawed image, its scene), or None when no edit gives a flaw the verifier sees."""
     boxed = ("square", "circle", "triangle", "cross")            # the shapes that fill the same square box
     for _ in range(20):
         bad = [dict(o) for o in scene]
@@ -207,7 +211,7 @@ def edit_flaw(spec, scene, rng):
             continue
         img = world.draw(bad)
         if not world.verify(spec, img)["correct"]:
-            return img
+            return img, bad
     return None
 
 
@@ -238,20 +242,20 @@ def build_irgl(model, ae, specs, a, device, log):
             img, scene = world.render(s, rng, holdout="train")
             initial.append(dict(spec=s, t1=enc(world.plan_text(scene)) + end, img=img))
         for _ in range(a["n_flaw"]):
-            bad, kind, _ = world.negative(s, rng, holdout="train")
+            bad, kind, bad_scene = world.negative(s, rng, holdout="train")
             v = world.verify(s, bad)
             if v["correct"]:                        # a negative the verifier cannot tell: not a flaw to name
                 continue
             fix, scene = nearest_render(s, bad, rng, a["near"])
-            improving.append(dict(spec=s, t1=enc(world.plan_text(scene)) + end, t1_loss=True, img1=bad,
+            improving.append(dict(spec=s, **first_plan(scene, bad_scene, a), img1=bad,
                                   t2=enc(world.reflection_text(s, v, scene)) + end, img2=fix, source="flaw",
                                   right1=False))
         for _ in range(a["n_edit"]):
             fix, scene = world.render(s, rng, holdout="train")
-            bad = edit_flaw(s, scene, rng)
-            if bad is not None:
-                improving.append(dict(spec=s, t1=enc(world.plan_text(scene)) + end, t1_loss=True, img1=bad,
-                                      t2=enc(world.reflection_text(s, bad, scene)) + end, img2=fix, source="edit",
+            edit = edit_flaw(s, scene, rng)
+            if edit is not None:
+                improving.append(dict(spec=s, **first_plan(scene, edit[1], a), img1=edit[0],
+                                      t2=enc(world.reflection_text(s, edit[0], scene)) + end, img2=fix, source="edit",
                                       right1=False))
     # self: image1 drawn by the model itself (IRG's steps 1-2), judged by the verifier
     jobs = [s for s in specs for _ in range(a["N"])]
@@ -278,6 +282,17 @@ def build_irgl(model, ae, specs, a, device, log):
                               t2=enc(t2) + end, img2=im2, source="self", right1=bool(v["correct"]),
                               fix_self=bool(right) and not v["correct"]))
     return initial, improving
+
+
+def first_plan(target, drawn, a):
+    """Think1 of a flaw / edit record. --flaw_plan target (the default): the plan of the fix, trained (a
+    right plan, badly drawn). --flaw_plan drawn (ours): the plan image1 was drawn from, context only (a
+    wrong plan is not taught). The model draws its plan faithfully: on v4 not one image1 of a wrong plan
+    was right (RESULTS.md, "IRG on v4, session 11"), so at inference a wrong image1 of a wrong plan is what
+    the reflection must re-plan, and with target think1 it never sees one."""
+    if a["flaw_plan"] == "drawn" and drawn:         # an empty negative (its only object missing) has no plan to show
+        return dict(t1=world.encode(world.plan_text(drawn)) + [M.END_THINK, M.VS], t1_loss=False)
+    return dict(t1=world.encode(world.plan_text(target)) + [M.END_THINK, M.VS], t1_loss=True)
 
 
 def pick_modes(stage, n, rng):

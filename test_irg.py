@@ -529,5 +529,89 @@ def test_evaluate_py_irg_mode(tiny_ckpt, tmp_path):
     w = ~im["ok1"] & ~im["kept"]           # the wrong image1s IRG redrew: its redraw against the fresh first image
     assert s["redrawn_wrong"] == w.sum() and s["fix_fresh"] == pytest.approx(im["ok1b"][w].mean())
     assert 0 <= s["plan_repeats"] <= 1          # every image1 of the random model is wrong and redrawn
+    pl = s["plans"]                             # the wrong image1s redrawn, split by whether think1's plan was right
+    assert pl["right_plan"]["n"] + pl["wrong_plan"]["n"] == s["redrawn_wrong"] and 0 <= pl["plan1_right"] <= 1
     with pytest.raises(ValueError, match="think, forced, irg"):
         evaluate.main(["--ckpt", tiny_ckpt, "--modes", "reflect"])
+
+
+def test_plan_split_by_hand():
+    import evaluate
+    T, F = True, False
+    ok1 = np.array([T, F, F, F, F, F])
+    ok2 = np.array([T, T, F, F, T, F])
+    okb = np.array([T, F, T, F, F, T])
+    pl1 = np.array([T, T, T, F, F, F])            # images 1-2: right plans badly drawn; 3-5: wrong plans
+    pl2 = np.array([T, T, T, F, T, F])
+    plb = np.array([T, T, T, F, F, T])
+    redrawn = np.array([T, T, T, T, T, F])        # image 5 was kept
+    p = evaluate.plan_split(ok1, ok2, okb, pl1, pl2, plb, redrawn)
+    assert p["plan1_right"] == pytest.approx(0.5) and p["image1_if_plan_right"] == pytest.approx(1 / 3)
+    assert p["image1_if_plan_wrong"] == 0.0
+    assert p["right_plan"] == dict(n=2, fix_redraw=0.5, replan_right=1.0, fix_fresh=0.5, fresh_plan_right=1.0)
+    assert p["wrong_plan"] == dict(n=2, fix_redraw=0.5, replan_right=0.5, fix_fresh=0.0, fresh_plan_right=0.0)
+    # without best2 the fresh draw's columns are absent
+    q = evaluate.plan_split(ok1, ok2, np.array([], bool), pl1, pl2, np.array([], bool), redrawn)
+    assert q["wrong_plan"]["fix_fresh"] is None and q["wrong_plan"]["fresh_plan_right"] is None
+
+
+def test_flaw_plan_drawn_shows_the_plan_image1_was_drawn_from():
+    """--flaw_plan drawn: a flaw / edit record's think1 is the layout of image1's own scene, untrained, and
+    think2 redraws image2's (a different, right) layout; target (the default): think1 is image2's plan, trained."""
+    a = dict(irg.defaults, n_prompts=2, tags="image", N=0, n_flaw=1, n_edit=1, n_init=1, near=2)
+    specs = irg.train_specs(a)[:6]
+    recs = {fp: irg.build_irgl(None, None, specs, dict(a, flaw_plan=fp), "cpu", print)[1] for fp in ("target", "drawn")}
+    assert [r["source"] for r in recs["target"]] == [r["source"] for r in recs["drawn"]] and len(recs["drawn"]) >= 6
+    plan = lambda ids: world.decode(ids).split(" </think>")[0]                 # noqa: E731
+    redraw = lambda r: world.decode(r["t2"]).split(" . redraw : ")[1].split(" </think>")[0]   # noqa: E731
+    n_drawn = 0
+    for t, d in zip(recs["target"], recs["drawn"]):
+        assert np.array_equal(t["img1"], d["img1"]) and np.array_equal(t["img2"], d["img2"]) and t["t2"] == d["t2"]
+        fix_plan = world.caption(world.verify(t["spec"], t["img2"])["objects"])
+        assert t["t1_loss"] and plan(t["t1"]) == redraw(t) == fix_plan
+        assert not world.verify(d["spec"], d["img1"])["correct"] and world.verify(d["spec"], d["img2"])["correct"]
+        if d["t1_loss"]:                    # an empty negative: no plan to show, the target's kept
+            assert d["t1"] == t["t1"] and not world.detect(d["img1"])
+            continue
+        n_drawn += 1
+        # image1 is a render of think1's plan: the detected objects are the plan's, the plan is wrong
+        assert plan(d["t1"]) == world.caption(world.detect(d["img1"])) != redraw(d)
+        assert not world.plan_verdict(d["spec"], plan(d["t1"]))["correct"] and world.plan_verdict(d["spec"], redraw(d))["correct"]
+    assert n_drawn >= 4
+    # the modes read it: no loss on a drawn think1 even in improving_full
+    segs, _ = irg.mode_sample("improving_full", next(r for r in recs["drawn"] if not r["t1_loss"]), dict(img1=None), np.random.default_rng(0),
+                              dict(a, cfg_drop=0.0))
+    assert segs[1] == ("text", next(r for r in recs["drawn"] if not r["t1_loss"])["t1"], 0.0)
+
+
+def test_replan_probe_scores_the_redraw_plan(tiny_ckpt, tmp_path, monkeypatch):
+    """evaluate.py --irg_replan: think1 is a negative's plan and image1 its render; the probe reads think2's
+    flag and whether its redraw plan is right. With think2 faked: a right plan scores 1, think1's plan 0."""
+    import evaluate
+    model, ae, _ = M.load_weights(tiny_ckpt, "cpu")
+    rng = np.random.default_rng(3)
+    specs = [world.sample_spec("two_object", rng) for _ in range(5)]     # a negative of two objects is never empty
+    a = dict(evaluate.defaults, **evaluate.irg_defaults, max_think=8, batch=2, seed=0)
+    seen = []
+
+    def fake(right):
+        def decode(model_, cache, logits, stop, max_new, temperature, g):
+            rows = []
+            for _ in range(logits.shape[0]):
+                s, k = specs[len(seen)], len(seen)
+                plan = world.plan_text(world.render(s, np.random.default_rng(k))[1]) if right else "a small red circle at the top ."
+                seen.append(k)
+                rows.append(world.encode(f"an object is missing . redraw : {plan}") + [M.VS])
+            return rows, None
+        return decode
+    monkeypatch.setattr(M, "decode_text", fake(True))
+    r = evaluate.replan_probe(model, ae, specs, a, "cpu")
+    assert r["n"] == 5 and r["flagged"] == 1.0 and r["replan_right"] == 1.0
+    seen.clear()
+    monkeypatch.setattr(M, "decode_text", fake(False))
+    assert evaluate.replan_probe(model, ae, specs, a, "cpu")["replan_right"] == 0.0
+    monkeypatch.undo()
+    # the real sampler, through the CLI: one prompt per tag, the summary beside the eval
+    evaluate.main(["--ckpt", tiny_ckpt, "--modes", "", "--und", "0", "--irg_replan", "1", "--irg_max_think", "4", "--out", str(tmp_path)])
+    p = json.load(open(tmp_path / "summary.json"))["replan_probe"]
+    assert 1 <= p["n"] <= 12 and 0 <= p["flagged"] <= 1 and 0 <= p["replan_right"] <= 1 and sum(v["n"] for v in p["per_tag"].values()) == p["n"]

@@ -68,6 +68,40 @@ def test_negative_kinds_and_verdicts():
                     "extra object"}, seen
 
 
+def test_plan_verdict_on_renders_negatives_and_hand_plans():
+    # a render's own plan is right, a one-constraint negative's plan is wrong (the plan is judged before drawing)
+    rng = np.random.default_rng(5)
+    for tag in TAGS:
+        right, wrong = [], []
+        for _ in range(40):
+            s = world.sample_spec(tag, rng)
+            right.append(world.plan_verdict(s, world.plan_text(world.render(s, rng)[1]) + " </think> <|vision_start|>")["correct"])
+            _, _, scene = world.negative(s, rng)
+            if scene is not None:
+                wrong.append(world.plan_verdict(s, world.plan_text(scene))["correct"])
+        assert np.mean(right) >= (0.9 if tag == "position" else 1.0), (tag, np.mean(right))
+        assert np.mean(wrong) <= (0.1 if tag == "color_region" else 0.0), (tag, np.mean(wrong))
+    two = {"tag": "counting", "prompt": "a photo of two circles", "include": [{"class": "circle", "count": 2}],
+           "exclude": [{"class": "circle", "count": 3}]}
+    c = lambda pos: f"a small red circle at the {pos}"               # noqa: E731
+    assert world.plan_verdict(two, f"{c('top left')} , {c('bottom')} .")["correct"]
+    assert not world.plan_verdict(two, f"{c('top left')} .")["correct"]
+    assert not world.plan_verdict(two, f"{c('top left')} , {c('top')} , {c('bottom')} .")["correct"]
+    assert not world.plan_verdict(two, "nothing that parses")["correct"]
+    # a middle-column object leans into the half asked for: the plan leaves the half to the drawing
+    half = {"tag": "color_region", "prompt": "a photo of a red circle in the left half",
+            "include": [{"class": "circle", "count": 1, "color": "red", "region": "left"}], "exclude": []}
+    assert world.plan_verdict(half, f"{c('top')} .")["correct"] and world.plan_verdict(half, f"{c('left')} .")["correct"]
+    assert not world.plan_verdict(half, f"{c('bottom right')} .")["correct"]
+    # above: a row apart; one cell holds no relation
+    pos = world.sample_spec("position", np.random.default_rng(0))
+    (b, a_), rel = (pos["include"][0]["class"], pos["include"][1]["class"]), pos["include"][1]["position"][0]
+    where = {"left of": ("left", "right"), "right of": ("right", "left"), "above": ("top", "bottom"), "below": ("bottom", "top")}[rel]
+    plan = lambda pa, pb: f"a small red {a_} at the {pa} , a small blue {b} at the {pb} ."   # noqa: E731
+    assert world.plan_verdict(pos, plan(*where))["correct"] and not world.plan_verdict(pos, plan(*where[::-1]))["correct"]
+    assert not world.plan_verdict(pos, plan("center", "center"))["correct"]
+
+
 def test_verify_outputs():
     rng = np.random.default_rng(4)
     spec = world.sample_spec("color_attr", rng, "any")

@@ -702,7 +702,10 @@ def verify(spec, img):
     Atomic checks: per item its count, each attribute, its position; GenEval's excludes;
     and "extra": every detected object must belong to some item (against reward hacking
     by drawing everything). soft = fraction of checks passed."""
-    objs = detect(img)
+    return verify_objects(spec, detect(img))
+
+def verify_objects(spec, objs):
+    """verify's clause logic on a given object list (detect's format; plan_verdict passes a plan's)."""
     items = spec["include"]
     owner, got = [None] * len(objs), [[] for _ in items]
     attrs = [[k for k in ("color", "size", "text", "region") if k in it] for it in items]
@@ -832,6 +835,43 @@ def judge_scores(spec, img):
     g = 1.0 if v["correct"] else min(0.5, float(format_score(2 * v["soft"] - 1)))
     top = sorted(v["objects"], key=lambda o: -o["area"])[:5]
     return g, [(o["box"], float(o["verdict"])) for o in top]
+
+def plan_objects(text):
+    """The objects a plan (caption) names, as detect would report them had the plan been drawn at its
+    cells' centres: each box centred in its 3x3 cell, at the middle of its size's range (a number's
+    digits at their cell width). Text after </think> is ignored; unparsable chunks are dropped."""
+    objs = []
+    for o in parse_caption(text.split("</think>")[0]) or []:
+        r, c = next((i, row.index(o["pos"])) for i, row in enumerate(GRID) if o["pos"] in row)
+        cx, cy = (c + 0.5) * W / 3, (r + 0.5) * W / 3
+        if o["shape"] == "number":
+            w, h = len(o["text"]) * (DIGIT_W + DIGIT_GAP) - DIGIT_GAP, DIGIT_H
+        else:
+            w, h = shape_dims(o["shape"], sum(SIZES[o["size"]]) // 2)
+        x0, y0 = int(round(cx - w / 2)), int(round(cy - h / 2))
+        objs.append({"box": (x0, y0, x0 + w, y0 + h), "area": w * h, "color": o["color"], "shape": o["shape"],
+                     "size": o["size"], "text": o["text"]})
+    return objs
+
+def plan_verdict(spec, text):
+    """Is a think-mode plan right for spec, before anything is drawn? verify's clause logic on the
+    plan's objects (plan_objects). The grid is coarser than pixels, so two cases read wrong although
+    some drawing of the plan could pass: two objects in one cell have no relation between them. A
+    middle-column (row) object leans into the half the spec asks for, since its cell spans the midline
+    and the plan leaves the half to the drawing. Renders' own plans pass 97-98.5% (position, 200 specs
+    per tag) and 100% (every other tag) of the time; world.negative's scenes' plans fail 100% (color_region:
+    94%, a wrong half in the middle column is the drawing's to decide)."""
+    objs = plan_objects(text)
+    lean = {"left": (-1, 0), "right": (1, 0), "top": (0, -1), "bottom": (0, 1)}
+    for it in spec["include"]:
+        if "region" in it:
+            dx, dy = lean[it["region"]]
+            for o in objs:
+                x0, y0, x1, y1 = o["box"]
+                mid_col, mid_row = _cell(o["box"])[1] == 1, _cell(o["box"])[0] == 1
+                sx, sy = W // 12 * dx * mid_col, W // 12 * dy * mid_row
+                o["box"] = (x0 + sx, y0 + sy, x1 + sx, y1 + sy)
+    return verify_objects(spec, objs)
 
 REDRAW = "redraw :"     # think2's words before its plan (model.redraw_plan reads the plan after them)
 
