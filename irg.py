@@ -347,7 +347,7 @@ def main(argv=None):
     model, ae, meta = runs.load_umm(a["ckpt"], device)
     log = runs.open_run(a, rank, "irg.py")
     data_file = os.path.join(a["out"], f"irgl.rank{rank}.pt")
-    saved = runs.saved_rollouts(data_file, a, MADE_WITH, "irg.py") if a["resume"] else None
+    saved = runs.saved_rollouts(data_file, a, MADE_WITH, "irg.py", added=dict(flaw_plan="target")) if a["resume"] else None
 
     # ---- before: the base, single pass (think mode, evaluate.py's sampler) and IRG inference
     eval_specs, ea, before = runs.begin(model, ae, a, saved, rank, log, device)

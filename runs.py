@@ -67,10 +67,12 @@ def open_run(a, rank, script):
     return log
 
 
-def saved_rollouts(path, a, keys, script):
+def saved_rollouts(path, a, keys, script, added=None):
     """The rollouts (+ rewards, before-eval) an earlier run saved at `path`, checked to match this
     run on `keys` (--reuse: another run's folder; --resume: this run's own). None if a resumed run
-    was killed before it saved them (they are made again, deterministically)."""
+    was killed before it saved them (they are made again, deterministically). added: settings newer
+    than some saved runs, with the value those runs were made with (a run saved before irg.py had
+    --flaw_plan was made with its "target"), so that such a run still resumes."""
     if not os.path.exists(path):
         if a.get("resume") and not a.get("reuse"):
             return None
@@ -78,9 +80,11 @@ def saved_rollouts(path, a, keys, script):
                                 f"with the same number of processes")
     saved = torch.load(path, weights_only=False)
     for k in keys:
-        if saved["args"].get(k) != a[k]:
-            raise ValueError(f"--reuse {a['reuse'] or a['out']}: it was made with --{k} {saved['args'].get(k)}, this "
-                             f"run has --{k} {a[k]}; pass the same value or drop --reuse")
+        made = saved["args"].get(k, (added or {}).get(k))
+        if made != a[k]:
+            how = f"--reuse {a['reuse']}" if a.get("reuse") else f"--resume {a['out']}"
+            raise ValueError(f"{how}: it was made with --{k} {made}, this run has --{k} {a[k]}; pass the same value"
+                             + (" or drop --reuse" if a.get("reuse") else " or start a new --out"))
     return saved
 
 

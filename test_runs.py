@@ -484,3 +484,18 @@ def test_ema_is_what_srum_saves_and_a_resume_keeps_it(ckpt, prompts, tmp_path, m
     p, a, b = (weights(str(d / "ckpt")) for d in (plain, full, cut))
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert any(not torch.equal(a[k], p[k]) for k in a)                  # the EMA, not the last iterate
+
+
+def test_saved_rollouts_reads_settings_newer_than_the_save(tmp_path):
+    """A run saved before a setting existed resumes when the setting has the value it was made with
+    (runs.saved_rollouts(added=...)), and refuses any other value with the flag and the fix named."""
+    import runs
+    import torch
+    path = tmp_path / "irgl.rank0.pt"
+    torch.save(dict(args=dict(seed=0)), path)                        # made before --flaw_plan existed
+    a = dict(seed=0, flaw_plan="target", resume=True, reuse="", out=str(tmp_path))
+    assert runs.saved_rollouts(str(path), a, ("seed", "flaw_plan"), "irg.py", added=dict(flaw_plan="target"))["args"] == dict(seed=0)
+    with pytest.raises(ValueError, match=r"--resume .*made with --flaw_plan target, this run has --flaw_plan drawn.*new --out"):
+        runs.saved_rollouts(str(path), dict(a, flaw_plan="drawn"), ("seed", "flaw_plan"), "irg.py", added=dict(flaw_plan="target"))
+    with pytest.raises(ValueError, match=r"made with --flaw_plan None"):                 # without added: a clear refusal
+        runs.saved_rollouts(str(path), a, ("seed", "flaw_plan"), "irg.py")

@@ -29,7 +29,9 @@ def load(d):
 
 def eval_tags(n):
     specs = world.pick(world.load_specs("data/eval.jsonl"), 50)
-    assert len(specs) == n, f"{n} images: these tables need an eval of all 600 prompts x 1 image (--n 50 --k 1)"
+    if len(specs) != n:
+        raise SystemExit(f"{n} images in that eval: these tables need one of all 600 prompts x 1 image "
+                         f"(evaluate.py --modes irg --n 50 --k 1)")
     return specs, np.array([s["tag"] for s in specs])
 
 
