@@ -24,6 +24,8 @@ import irg  # noqa: E402
 
 def load(d):
     s = json.load(open(os.path.join(d, "irg", "summary.json")))
+    if "plans" not in s or "plan1" not in s["per_image"]:
+        raise SystemExit(f"{d}: made before evaluate.py split by plans (session 11); run its eval again")
     return s, {k: np.array(v) for k, v in s["per_image"].items() if v is not None}
 
 
