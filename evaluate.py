@@ -378,10 +378,8 @@ def replan_probe(model, ae, specs, a, device, log=print):
     flagged, right = [], []
     for i in range(0, len(jobs), a["batch"]):
         chunk = jobs[i:i + a["batch"]]
-        cache, _ = M.prefill(model, [[M.BOS] + world.encode(s["prompt"]) + [M.THINK] + t for s, t, _ in chunk], device)
-        M.append_image(model, cache, ae.encode(torch.as_tensor(np.stack([im for _, _, im in chunk]), device=device)))
-        M.append_text(model, cache, torch.full((len(chunk), 1), M.VE, device=device))
-        logits = M.append_text(model, cache, torch.full((len(chunk), 1), M.THINK, device=device))
+        cache, logits = M.reflect_context(model, ae, [world.encode(s["prompt"]) for s, _, _ in chunk], [t for _, t, _ in chunk],
+                                          torch.as_tensor(np.stack([im for _, _, im in chunk]), device=device))
         t2, _ = M.decode_text(model, cache, logits, {M.VS, M.EOS}, a["max_think"], a["temperature"], g)
         flagged += [list(t[:len(ok_ids)]) != ok_ids for t in t2]
         right += [world.plan_verdict(s, world.decode(M.redraw_plan(t, redraw)))["correct"] for (s, _, _), t in zip(chunk, t2)]

@@ -914,16 +914,22 @@ def critic_p(model, cache, logits, ids):
 
 
 @torch.no_grad()
-def critic_reread(model, ae, prompts, t1, imgs, ids):
-    """critic_p on other images in image1's place: <bos> P <think> T1 <vs> image <ve> <think>, the context
-    draw_first built, with imgs (pixels, re-entered as the AE reads them) for image1."""
+def reflect_context(model, ae, prompts, t1, imgs):
+    """The context think2 is written in, for given think1s and image1s: <bos> P <think> T1 <vs> image <ve>
+    <think>, as draw_first and irg_generate build it, with imgs (pixels, re-entered as the AE reads them)
+    for image1. Returns (cache, the next-token logits)."""
     dev = next(model.parameters()).device
     cache, _ = prefill(model, [[BOS] + list(p) + [THINK] + list(t) + ([] if t and t[-1] == VS else [VS])
                                for p, t in zip(prompts, t1)], dev)
     append_image(model, cache, ae.encode(imgs))
     append_text(model, cache, torch.full((len(prompts), 1), VE, device=dev))
-    logits = append_text(model, cache, torch.full((len(prompts), 1), THINK, device=dev))
-    return critic_p(model, cache, logits, ids)
+    return cache, append_text(model, cache, torch.full((len(prompts), 1), THINK, device=dev))
+
+
+@torch.no_grad()
+def critic_reread(model, ae, prompts, t1, imgs, ids):
+    """critic_p on other images in image1's place (reflect_context)."""
+    return critic_p(model, *reflect_context(model, ae, prompts, t1, imgs), ids)
 
 
 def redraw_plan(t2, marker):

@@ -855,7 +855,7 @@ def plan_objects(text):
 
 def plan_verdict(spec, text):
     """Is a think-mode plan right for spec, before anything is drawn? verify's clause logic on the
-    plan's objects (plan_objects). The grid is coarser than pixels, so two cases read wrong although
+    plan's objects (plan_objects). The grid is coarser than pixels, so one case reads wrong although
     some drawing of the plan could pass: two objects in one cell have no relation between them. A
     middle-column (row) object leans into the half the spec asks for, since its cell spans the midline
     and the plan leaves the half to the drawing. Renders' own plans pass 97-98.5% (position, 200 specs
@@ -867,9 +867,9 @@ def plan_verdict(spec, text):
         if "region" in it:
             dx, dy = lean[it["region"]]
             for o in objs:
+                r, c, _, _ = _cell(o["box"])
+                sx, sy = W // 12 * dx * (c == 1), W // 12 * dy * (r == 1)
                 x0, y0, x1, y1 = o["box"]
-                mid_col, mid_row = _cell(o["box"])[1] == 1, _cell(o["box"])[0] == 1
-                sx, sy = W // 12 * dx * mid_col, W // 12 * dy * mid_row
                 o["box"] = (x0 + sx, y0 + sy, x1 + sx, y1 + sy)
     return verify_objects(spec, objs)
 
