@@ -345,8 +345,8 @@ def tune_attn(ka, q, k, v, do, meta, flops):
 
 
 # ----------------------------------------------------------------------------- training step
-# Today's step before issue 11, kept as the baseline (and as the reference test_pack.py checks
-# the new forward against): routing gathers and scatters around every op, rope tables and the
+# The one-sample-per-row step, kept as the baseline (and as the reference test_pack.py checks
+# the packed forward against): routing gathers and scatters around every op, rope tables and the
 # mask rebuilt in every layer, separate q/k/v matmuls.
 
 class OldRouter:
@@ -488,9 +488,9 @@ def bench_step(args):
     """Times one pre-training step (forward + backward of pretrain.py's loss, no optimizer) on
     real batches of pretrain.make_batch, every variant on the same samples, interleaved batch
     by batch (a shared machine's noise hits all variants alike); median over the batches.
-      today      rows of one sample (right-padded), the forward before issue 11
-      padded     rows of one sample, the new forward
-      packed     rows of --row_len holding many samples (first-fit decreasing), new forward
+      gathered   rows of one sample (right-padded), the gather-scatter forward (OldStep)
+      padded     rows of one sample, the fused forward
+      packed     rows of --row_len holding many samples (first-fit decreasing), fused forward
       +compile   the same under torch.compile (compile time excluded: warm-up batches)
       plain      the dense transformer above (same width/depth/attention) on the packed rows
     Real tokens/s counts tokens of samples, not pads; events = torch.profiler events of one step."""
@@ -516,8 +516,8 @@ def bench_step(args):
     steps = list(range(n_warm + args.n))
     data = {"rows": [batch(s, None) for s in steps], "packed": [batch(s, args.row_len) for s in steps]}
     comp = dict(dynamic=True) if args.dynamic else {}
-    variants = [("today (padded, old fwd)", OldStep(mot), "rows"),
-                ("padded, new fwd", mot, "rows"),
+    variants = [("gathered (padded)", OldStep(mot), "rows"),
+                ("padded, fused fwd", mot, "rows"),
                 ("packed", mot, "packed"),
                 ("packed + compile", torch.compile(mot, **comp), "packed"),
                 ("plain, packed", plain, "packed"),
@@ -576,7 +576,7 @@ def bench_step(args):
     per_step = n_real / len(real)
     t0 = med[variants[0][0]]
     print(f"\nmean over {args.n} batches ({per_step:.0f} real tokens per step)\n")
-    print("| variant | ms / step | real tokens/s | vs today | profiler events / step |")
+    print("| variant | ms / step | real tokens/s | vs gathered | profiler events / step |")
     print("|---|---|---|---|---|")
     for name, _, _ in variants:
         print(f"| {name} | {1e3 * med[name]:.0f} | {per_step / med[name]:.0f} | {t0 / med[name]:.2f}x | {events[name]} |")

@@ -44,22 +44,14 @@ from common import parse_args, Progress
 defaults = dict(ckpt="data/base", eval="data/eval.jsonl", out="runs/eval", n=50, k=4, batch=96,
                 sample_steps=25, cfg=4.0, shift=3.0, temperature=0.7, max_think=64, seed=0,
                 modes="think,forced", und=True, grid_cols=8, irg_max_think=80, unified=0, unified_steps=10,
-                encoder="data/base", clip="", auroc=0, captions=0, irg_keep=False, irg_cfg_text2=4.0, irg_cfg_img=2.0,
-                irg_oracle=False, irg_keep_p=0.0, irg_select=False, irg_best2=False, irg_fresh2=False, irg_replan=0)
-# IRG inference (--modes irg), the upstream IRG eval script's settings (design.md section 4)
-# (think2 names the problem, then the whole layout: --irg_max_think, 80 as irg.py, bounds each think;
-# --irg_cfg_text2 / --irg_cfg_img: image2's guidance, as irg.py's --cfg_text2 / --cfg_img;
-# --irg_oracle: think2 written from the verifier's verdict instead of sampled, image2's ceiling: evaluate.oracle_think2;
-# --irg_keep_p TAU: keep image1 where the critic's P("the image is correct") >= TAU, as irg.py's --keep_p;
-# --irg_select 1: the critic rereads the redrawn image2 and the higher-scored image is image2, as irg.py's --select;
-# --irg_best2 1: the control for both: a second, independent think1 + image1 per prompt, and the one of the two
-# first images the same critic scores higher (no reflection, no redraw: what a second sample alone buys);
-# --irg_fresh2 1: image2 drawn from the prompt and think2's redraw plan alone, as irg.py's --fresh2;
-# --irg_replan N: the re-planning probe (replan_probe) on N eval prompts per tag, think1 a wrong plan drawn faithfully)
+                encoder="data/base", clip="", auroc=0, captions=0, irg_cfg_text2=4.0, irg_cfg_img=2.0, irg_best2=False)
+# IRG inference (--modes irg), the upstream IRG eval script's settings (design.md section 4): --irg_max_think
+# (80, as irg.py) bounds each think; --irg_cfg_text2 / --irg_cfg_img: image2's guidance, as irg.py's --cfg_text2 /
+# --cfg_img; --irg_best2 1: the control, a second independent think1 + image1 per prompt, the critic's pick
 irg_defaults = dict(temperature=0.3, cfg_text=4.0, cfg_lo1=0.4)
 ranges = dict(n=">= 1", k=">= 1", batch=">= 1", sample_steps=">= 1", cfg=">= 0", shift="> 0", temperature=">= 0",
               max_think=">= 1", grid_cols=">= 1", irg_max_think=">= 1", unified=">= 0", unified_steps=">= 1",
-              auroc=">= 0", captions=">= 0", irg_replan=">= 0", irg_cfg_text2=">= 0", irg_cfg_img=">= 0", irg_keep_p="0..1")
+              auroc=">= 0", captions=">= 0", irg_cfg_text2=">= 0", irg_cfg_img=">= 0")
 
 
 @torch.no_grad()
@@ -218,208 +210,98 @@ def fmt_p(x):
 @torch.no_grad()
 def evaluate_irg(model, ae, specs, a, device, out_dir=None, log=print):
     """IRG inference (model.irg_generate) on specs, k images each; a: the sampler settings (irg.sampler)
-    plus k, batch, seed. Per tag and overall (mean over tags, as evaluate): accuracy of image1 and of
-    image2; over all images: fix = P(image2 right | image1 wrong), break = P(image2 wrong | image1 right).
+    plus k, batch, seed and best2. Per tag and overall (mean over tags, as evaluate): accuracy of image1
+    and image2; over all images: fix = P(image2 right | image1 wrong), break = P(image2 wrong | image1
+    right); the reflection as a critic: AUROC of P(think2 begins "the image is correct") against the
+    verifier; the plan split (plan_split). best2, the control: a second, independent think1 + image1 per
+    prompt and the one of the two first images that critic scores higher (a second sample, no reflection).
     Writes summary.json and grid_irg.png (first prompt of every tag) to out_dir."""
     model.eval()
     jobs = [s for s in specs for _ in range(a["k"])]
     g = torch.Generator(device).manual_seed(a["seed"])
-    ok1, ok2, im1, im2, th1, th2, kept, p_ok, p_ok2, ok1b, p_okb, same = [], [], [], [], [], [], [], [], [], [], [], []
-    pl1, pl2, plb = [], [], []      # are the plans right before drawing (world.plan_verdict): think1, the redraw's, best2's
-    redraw = world.encode(world.REDRAW)
+    a = dict(a, ok_ids=world.encode(world.PROBLEMS["ok"]))
+    redraw, best2 = world.encode(world.REDRAW), bool(a.get("best2"))
+    plan_ok = lambda s, t: world.plan_verdict(s, world.decode(t))["correct"]      # noqa: E731
+    rec = []                # one dict per image, in job order
     t0, prog = time.time(), Progress("eval irg", len(jobs))
     for i in range(0, len(jobs), a["batch"]):
         prog(i)
         chunk = jobs[i:i + a["batch"]]
-        oracle = dict(think2_fn=oracle_think2(chunk, np.random.default_rng(a["seed"] + i))) if a.get("oracle") else {}
         prompts = [world.encode(s["prompt"]) for s in chunk]
-        out = M.irg_generate(model, ae, prompts, dict(a, **oracle), world.PALETTE, g)
-        ok1 += [world.verify(s, x)["correct"] for s, x in zip(chunk, out["img1"])]
-        ok2 += [world.verify(s, x)["correct"] for s, x in zip(chunk, out["img2"])]
-        im1 += list(out["img1"]); im2 += list(out["img2"]); kept += out["kept"].tolist()
-        p_ok += [] if out["p_ok"] is None else out["p_ok"].tolist()
-        p_ok2 += [] if out["p_ok2"] is None else out["p_ok2"].tolist()
-        if a.get("best2"):      # the control: think1 + image1 drawn again from scratch, read by the same critic
-            _, t1b, _, _, img1b, _ = M.draw_first(model, ae, prompts, a, world.PALETTE, g)
-            ok1b += [world.verify(s, x)["correct"] for s, x in zip(chunk, img1b.cpu().numpy())]
-            plb += [world.plan_verdict(s, world.decode(t))["correct"] for s, t in zip(chunk, t1b)]
-            p_okb += M.critic_reread(model, ae, prompts, t1b, img1b, a["ok_ids"]).tolist()
-        th1 += [world.decode(t) for t in out["think1"]]; th2 += [world.decode(t) for t in out["think2"]]
-        # does think2's redraw plan repeat think1's? (compared as model.redraw_plan closes both)
-        same += [M.redraw_plan(b, redraw) == M.redraw_plan(a_, redraw) for a_, b in zip(out["think1"], out["think2"])]
-        pl1 += [world.plan_verdict(s, world.decode(t))["correct"] for s, t in zip(chunk, out["think1"])]
-        pl2 += [world.plan_verdict(s, world.decode(M.redraw_plan(t, redraw)))["correct"] for s, t in zip(chunk, out["think2"])]
-    ok1, ok2 = np.array(ok1), np.array(ok2)
-    # the reflection as a critic: how often think2 calls image1 right, given what the verifier says
-    says_ok = np.array([t.startswith(world.PROBLEMS["ok"]) for t in th2])
+        out = M.irg_generate(model, ae, prompts, a, world.PALETTE, g)
+        for s, t1, t2, x1, x2, p in zip(chunk, out["think1"], out["think2"], out["img1"], out["img2"], out["p_ok"].tolist()):
+            plan2 = M.redraw_plan(t2, redraw)
+            rec.append(dict(ok1=world.verify(s, x1)["correct"], ok2=world.verify(s, x2)["correct"], p_ok=p,
+                            plan1=plan_ok(s, t1), plan2=plan_ok(s, plan2), same=plan2 == M.redraw_plan(t1, redraw),
+                            think1=world.decode(t1), think2=world.decode(t2), img1=x1, img2=x2))
+        if best2:           # think1 + image1 drawn again from scratch, read by the same critic after <ve> <think>
+            cache, t1b, _, _, img1b, _ = M.draw_first(model, ae, prompts, a, world.PALETTE, g)
+            M.append_text(model, cache, torch.full((len(chunk), 1), M.VE, device=device))
+            p_b = M.critic_p(model, cache, M.append_text(model, cache, torch.full((len(chunk), 1), M.THINK, device=device)),
+                             a["ok_ids"])
+            for d, s, t, x, p in zip(rec[-len(chunk):], chunk, t1b, img1b.cpu().numpy(), p_b.tolist()):
+                d.update(ok1b=world.verify(s, x)["correct"], p_okb=p, planb=plan_ok(s, t))
+    col = lambda k: np.array([d[k] for d in rec]) if rec and k in rec[0] else np.zeros(0, bool)  # noqa: E731
+    m = lambda x, w: float(x[w].mean()) if w.any() else None                                    # noqa: E731
+    ok1, ok2, ok1b = col("ok1"), col("ok2"), col("ok1b")
     tags = [t for t in world.TAGS if any(s["tag"] == t for s in specs)]
     tag_of, prompt_of = np.array([s["tag"] for s in jobs]), np.array([s["prompt"] for s in jobs])
-    per_tag = {t: (float(ok1[tag_of == t].mean()), float(ok2[tag_of == t].mean())) for t in tags}
     mean_tags = lambda ok: float(np.mean([ok[tag_of == t].mean() for t in tags]))  # noqa: E731
-    # the critic scored (model.critic_p): does P(think2 begins "the image is correct") separate right from
-    # wrong image1s (AUROC), and, where every image2 is a redraw (no keep rule), what image2 would be if
-    # image1 were kept wherever that probability is >= tau
-    p_ok = np.array(p_ok) if len(p_ok) == len(jobs) else None
-    redraws = not a.get("keep_ids") and not a.get("keep_p")
-    critic = dict(critic_auroc=auroc(p_ok, ok1) if p_ok is not None else None,
-                  keep_curve={str(tau): mean_tags(np.where(p_ok >= tau, ok1, ok2)) for tau in KEEP_TAUS}
-                  if p_ok is not None and redraws else None)
-    # the critic reread on image2 (model.critic_reread): its AUROC on the redrawn image2s, and, where no
-    # --irg_select was applied, the image2 that select would have returned (the higher-scored image)
-    p_ok2 = np.array(p_ok2) if p_ok is not None and len(p_ok2) == len(jobs) else None
-    redrawn = ~np.array(kept, dtype=bool)
-    ok1b, p_okb = np.array(ok1b, dtype=bool), np.array(p_okb)
-    picks = {}          # the picked images' right / wrong, for the per-tag table (per_tag_picks)
-    if p_ok2 is not None and not a.get("select"):
-        picks["select"] = np.where(p_ok2 > p_ok, ok2, ok1)
-    if ok1b.size:
-        picks.update(image1b=ok1b, best2=np.where(p_okb > p_ok, ok1b, ok1))
-    critic.update(critic2_auroc=auroc(p_ok2[redrawn], ok2[redrawn]) if p_ok2 is not None and redrawn.sum() > 1 else None,
-                  pick_acc=pick_accuracy(p_ok[redrawn], p_ok2[redrawn], ok1[redrawn], ok2[redrawn]) if p_ok2 is not None else None,
-                  select=mean_tags(picks["select"]) if "select" in picks else None,
-                  per_tag_picks={t: {k: float(v[tag_of == t].mean()) for k, v in picks.items()} for t in tags} if picks else None)
-    if ok1b.size:
-        critic.update(image1b=mean_tags(ok1b), best2=mean_tags(picks["best2"]), pick_acc_best2=pick_accuracy(p_ok, p_okb, ok1, ok1b))
-        # on the prompts whose image1 IRG redrew: the redraw against a fresh first image, wrong and right image1s apart
-        w, r = ~ok1 & redrawn, ok1 & redrawn
-        critic.update(redrawn_wrong=int(w.sum()), fix_redraw=float(ok2[w].mean()) if w.any() else None,
-                      fix_fresh=float(ok1b[w].mean()) if w.any() else None, redrawn_right=int(r.sum()),
-                      break_redraw=float((~ok2[r]).mean()) if r.any() else None,
-                      break_fresh=float((~ok1b[r]).mean()) if r.any() else None)
-    same = np.array(same)
-    critic.update(plan_repeats=float(same[~ok1 & redrawn].mean()) if (~ok1 & redrawn).any() else None)
-    critic["plans"] = plan_split(ok1, ok2, ok1b, np.array(pl1), np.array(pl2), np.array(plb, dtype=bool), redrawn)
-    res = dict(image1=mean_tags(ok1), image2=mean_tags(ok2),
-               fix=float(ok2[~ok1].mean()) if (~ok1).any() else None, n_wrong1=int((~ok1).sum()),
-               **{"break": float((~ok2[ok1]).mean()) if ok1.any() else None}, n_right1=int(ok1.sum()),
-               per_tag=per_tag, n=len(jobs), per_s=len(jobs) / (time.time() - t0), kept=float(np.mean(kept)),
+    says_ok = np.array([d["think2"].startswith(world.PROBLEMS["ok"]) for d in rec])
+    res = dict(image1=mean_tags(ok1), image2=mean_tags(ok2), fix=m(ok2, ~ok1), n_wrong1=int((~ok1).sum()),
+               **{"break": m(~ok2, ok1)}, n_right1=int(ok1.sum()), n=len(jobs), per_s=len(jobs) / (time.time() - t0),
+               per_tag={t: (float(ok1[tag_of == t].mean()), float(ok2[tag_of == t].mean())) for t in tags},
                per_prompt={p: (float(ok1[prompt_of == p].mean()), float(ok2[prompt_of == p].mean()))
                            for p in dict.fromkeys(prompt_of.tolist())},
-               # per image, in job order (a control can combine runs: the best of two image1s by the critic)
-               per_image=dict(ok1=ok1.tolist(), ok2=ok2.tolist(), kept=[bool(k) for k in kept],
-                              p_ok=None if p_ok is None else p_ok.tolist(), p_ok2=None if p_ok2 is None else p_ok2.tolist(),
-                              ok1b=ok1b.tolist() or None, p_okb=p_okb.tolist() or None,
-                              plan1=[bool(x) for x in pl1], plan2=[bool(x) for x in pl2], planb=[bool(x) for x in plb] or None),
-               ok_if_right=float(says_ok[ok1].mean()) if ok1.any() else None,
-               ok_if_wrong=float(says_ok[~ok1].mean()) if (~ok1).any() else None, **critic,
-               examples=[dict(prompt=jobs[i]["prompt"], think1=th1[i], think2=th2[i], right1=bool(ok1[i]),
-                              right2=bool(ok2[i])) for i in range(0, len(jobs), max(1, len(jobs) // 12))])
-    lines = [f"{'tag':15s} {'image1':>8s} {'image2':>8s}"] + [f"{t:15s} {per_tag[t][0]:8.3f} {per_tag[t][1]:8.3f}" for t in tags]
-    lines += [f"{'overall':15s} {res['image1']:8.3f} {res['image2']:8.3f}",
-              f"fix (image2 right | image1 wrong): {res['fix']}  break (image2 wrong | image1 right): {res['break']}"
-              + (f"  kept image1: {res['kept']:.3f}" if a.get("keep_ids") else ""),
-              f"think2 says image1 is right: {fmt_p(res['ok_if_right'])} of the right ones, "
-              f"{fmt_p(res['ok_if_wrong'])} of the wrong ones; critic AUROC {fmt_p(res['critic_auroc'])}, "
-              f"on the redrawn image2s {fmt_p(res['critic2_auroc'])}"
-              + (f"; the higher-scored image (select): {res['select']:.3f}" if res["select"] is not None else "")
-              + f"; it picks the right one of a redrawn pair that differs {fmt_p(res['pick_acc'])} of the time",
-              f"of the wrong image1s redrawn, think2's redraw plan repeats think1's for {fmt_p(res['plan_repeats'])}"]
+               # how often think2 calls image1 right, given the verifier; the critic's AUROC; the redraw plan = think1's
+               ok_if_right=m(says_ok, ok1), ok_if_wrong=m(says_ok, ~ok1), critic_auroc=auroc(col("p_ok"), ok1),
+               plan_repeats=m(col("same"), ~ok1),
+               plans=plan_split(ok1, ok2, ok1b, col("plan1"), col("plan2"), col("planb")),
+               per_image={k: col(k).tolist() for k in ("ok1", "ok2", "p_ok", "plan1", "plan2", "ok1b", "p_okb", "planb")
+                          if k in rec[0]},
+               examples=[dict(prompt=jobs[i]["prompt"], think1=rec[i]["think1"], think2=rec[i]["think2"],
+                              right1=bool(ok1[i]), right2=bool(ok2[i])) for i in range(0, len(jobs), max(1, len(jobs) // 12))])
+    if best2:
+        best = np.where(col("p_okb") > col("p_ok"), ok1b, ok1)
+        res.update(image1b=mean_tags(ok1b), best2=mean_tags(best), best2_per_tag={t: float(best[tag_of == t].mean()) for t in tags},
+                   fix_fresh=m(ok1b, ~ok1), break_fresh=m(~ok1b, ok1))
     pl = res["plans"]
-    lines.append(f"plans (world.plan_verdict): think1 right {pl['plan1_right']:.3f}; image1 right {fmt_p(pl['image1_if_plan_right'])} "
-                 f"where it is, {fmt_p(pl['image1_if_plan_wrong'])} where it is not; of the wrong image1s redrawn, "
-                 f"{pl['right_plan']['n']} drew a right plan (fixed by the redraw {fmt_p(pl['right_plan']['fix_redraw'])}"
-                 + (f", by a fresh draw {fmt_p(pl['right_plan']['fix_fresh'])}" if ok1b.size else "")
-                 + f") and {pl['wrong_plan']['n']} a wrong one (the redraw's plan right {fmt_p(pl['wrong_plan']['replan_right'])}, "
-                 f"fixed {fmt_p(pl['wrong_plan']['fix_redraw'])}"
-                 + (f"; a fresh plan right {fmt_p(pl['wrong_plan']['fresh_plan_right'])}, fixed {fmt_p(pl['wrong_plan']['fix_fresh'])}"
-                    if ok1b.size else "") + ")")
-    if "best2" in res:
-        lines.append(f"control, two independent first images ({res['image1']:.3f}, {res['image1b']:.3f}), "
-                     f"the higher-scored one (best2): {res['best2']:.3f}; of the {res['redrawn_wrong']} wrong image1s "
-                     f"IRG redrew, the redraw is right {fmt_p(res['fix_redraw'])}, a fresh first image {fmt_p(res['fix_fresh'])}; "
-                     f"of the {res['redrawn_right']} right ones, wrong {fmt_p(res['break_redraw'])} / {fmt_p(res['break_fresh'])}")
-    if res["keep_curve"]:
-        lines.append("image2 if image1 were kept where P(correct) >= tau: "
-                     + ", ".join(f"{t} {v:.3f}" for t, v in res["keep_curve"].items()))
+    lines = [f"{'tag':15s} {'image1':>8s} {'image2':>8s}"] + [f"{t:15s} {v[0]:8.3f} {v[1]:8.3f}" for t, v in res["per_tag"].items()]
+    lines += [f"{'overall':15s} {res['image1']:8.3f} {res['image2']:8.3f}",
+              f"fix (image2 right | image1 wrong) {fmt_p(res['fix'])}, break (image2 wrong | image1 right) {fmt_p(res['break'])}",
+              f"think2 says image1 is right: {fmt_p(res['ok_if_right'])} of the right ones, {fmt_p(res['ok_if_wrong'])} of "
+              f"the wrong ones; critic AUROC {fmt_p(res['critic_auroc'])}; of the wrong image1s, think2's redraw plan "
+              f"repeats think1's for {fmt_p(res['plan_repeats'])}",
+              f"plans (world.plan_verdict): think1 right {pl['plan1_right']:.3f}; image1 right {fmt_p(pl['image1_if_plan_right'])} "
+              f"where it is, {fmt_p(pl['image1_if_plan_wrong'])} where it is not; of the wrong image1s, {pl['right_plan']['n']} "
+              f"drew a right plan (fixed {fmt_p(pl['right_plan']['fix_redraw'])}) and {pl['wrong_plan']['n']} a wrong one "
+              f"(the redraw's plan right {fmt_p(pl['wrong_plan']['replan_right'])}, fixed {fmt_p(pl['wrong_plan']['fix_redraw'])})"]
+    if best2:
+        lines.append(f"control, two independent first images ({res['image1']:.3f}, {res['image1b']:.3f}), the higher-scored "
+                     f"one (best2): {res['best2']:.3f}; of the wrong image1s the redraw fixes {fmt_p(res['fix'])}, a fresh "
+                     f"first image {fmt_p(res['fix_fresh'])}; of the right ones wrong {fmt_p(res['break'])} / {fmt_p(res['break_fresh'])}")
     res["table"] = "\n".join(lines)
     log(res["table"])
     if out_dir:
         os.makedirs(out_dir, exist_ok=True)
         rows = [next(i for i, s in enumerate(jobs) if s["tag"] == t) for t in tags]
-        irg_grid([(f"[{jobs[i]['tag']}] {jobs[i]['prompt']}", th1[i], im1[i], bool(ok1[i]), th2[i], im2[i], bool(ok2[i]))
-                  for i in rows], os.path.join(out_dir, "grid_irg.png"))
+        irg_grid([(f"[{jobs[i]['tag']}] {jobs[i]['prompt']}", rec[i]["think1"], rec[i]["img1"], bool(ok1[i]), rec[i]["think2"],
+                   rec[i]["img2"], bool(ok2[i])) for i in rows], os.path.join(out_dir, "grid_irg.png"))
         with open(os.path.join(out_dir, "summary.json"), "w") as f:
             json.dump(res, f, indent=1)
     return res
 
 
-KEEP_TAUS = (0.5, 0.3, 0.2, 0.1, 0.05)
-
-
-def plan_split(ok1, ok2, ok1b, pl1, pl2, plb, redrawn):
+def plan_split(ok1, ok2, ok1b, pl1, pl2, plb):
     """A wrong image1 is a bad drawing of a right plan or a drawing of a wrong plan; only the first can
     be fixed by re-drawing the same plan, only the second needs a new one. ok*: the images' verdicts;
     pl1 / pl2 / plb: think1's, the redraw's and best2's plans right (ok1b, plb empty without best2)."""
     m = lambda x, w: float(x[w].mean()) if w.any() else None       # noqa: E731
     out = dict(plan1_right=float(pl1.mean()), image1_if_plan_right=m(ok1, pl1), image1_if_plan_wrong=m(ok1, ~pl1))
-    for name, w in (("right_plan", ~ok1 & redrawn & pl1), ("wrong_plan", ~ok1 & redrawn & ~pl1)):
+    for name, w in (("right_plan", ~ok1 & pl1), ("wrong_plan", ~ok1 & ~pl1)):
         out[name] = dict(n=int(w.sum()), fix_redraw=m(ok2, w), replan_right=m(pl2, w),
                          fix_fresh=m(ok1b, w) if ok1b.size else None, fresh_plan_right=m(plb, w) if plb.size else None)
     return out
-
-
-@torch.no_grad()
-def replan_probe(model, ae, specs, a, device, log=print):
-    """Can the reflection re-plan? The wrong image1s of IRG inference are drawings of wrong plans or bad
-    drawings of right ones (plan_split), and the wrong plans are too few on the image tags to measure a
-    re-planner by. Here every prompt gets one: think1 is the plan of a one-constraint negative
-    (world.negative) and image1 its render, as the model would draw it (it draws its plan), re-entered as
-    IRG re-enters image1; think2 is sampled as irg_generate samples it (a: temperature, max_think, seed).
-    Returns, per tag and overall (mean over tags): the share of think2s that call image1 wrong (flagged)
-    and of redraw plans that are right (replan_right, world.plan_verdict)."""
-    model.eval()
-    rng, g = np.random.default_rng(a["seed"]), torch.Generator(device).manual_seed(a["seed"])
-    jobs = []
-    for s in specs:
-        img, _, scene = world.negative(s, rng)
-        if scene:                                   # an empty negative has no plan to show
-            jobs.append((s, world.encode(world.plan_text(scene)) + [M.END_THINK, M.VS], img))
-    ok_ids, redraw = world.encode(world.PROBLEMS["ok"]), world.encode(world.REDRAW)
-    flagged, right = [], []
-    for i in range(0, len(jobs), a["batch"]):
-        chunk = jobs[i:i + a["batch"]]
-        cache, logits = M.reflect_context(model, ae, [world.encode(s["prompt"]) for s, _, _ in chunk], [t for _, t, _ in chunk],
-                                          torch.as_tensor(np.stack([im for _, _, im in chunk]), device=device))
-        t2, _ = M.decode_text(model, cache, logits, {M.VS, M.EOS}, a["max_think"], a["temperature"], g)
-        flagged += [list(t[:len(ok_ids)]) != ok_ids for t in t2]
-        right += [world.plan_verdict(s, world.decode(M.redraw_plan(t, redraw)))["correct"] for (s, _, _), t in zip(chunk, t2)]
-    tag = np.array([s["tag"] for s, _, _ in jobs])
-    flagged, right = np.array(flagged), np.array(right)
-    per_tag = {t: dict(n=int((tag == t).sum()), flagged=float(flagged[tag == t].mean()), replan_right=float(right[tag == t].mean()))
-               for t in dict.fromkeys(tag.tolist())}
-    res = dict(n=len(jobs), flagged=float(np.mean([v["flagged"] for v in per_tag.values()])),
-               replan_right=float(np.mean([v["replan_right"] for v in per_tag.values()])), per_tag=per_tag)
-    log(f"re-planning probe ({len(jobs)} wrong plans drawn faithfully): think2 flags image1 {res['flagged']:.3f}, "
-        f"its redraw plan is right {res['replan_right']:.3f}; per tag (flagged / right): "
-        + ", ".join(f"{t} {v['flagged']:.2f} / {v['replan_right']:.2f}" for t, v in per_tag.items()))
-    return res
-
-
-def pick_accuracy(p_a, p_b, ok_a, ok_b):
-    """How often a critic picks the right one of two images of the same prompt, over the pairs where exactly
-    one of the two is right (ties count one half); None without such a pair. Unlike the AUROC over all
-    images, prompts of different difficulty are never compared: it is what select and best2 rely on."""
-    p_a, p_b, ok_a, ok_b = (np.asarray(x) for x in (p_a, p_b, ok_a, ok_b))
-    d = ok_a.astype(bool) != ok_b.astype(bool)
-    if not d.any():
-        return None
-    right_higher = np.where(ok_a[d], p_a[d] - p_b[d], p_b[d] - p_a[d])
-    return float(np.mean((right_higher > 0) + 0.5 * (right_higher == 0)))
-
-
-def oracle_think2(chunk, rng):
-    """--irg_oracle: think2 is not sampled but written from the verifier's verdict on image1, as IRGL's
-    self records are (right: "the image is correct . redraw : <its layout>"; wrong: what is wrong, then
-    the layout of a render of the prompt). The image2 it leads to is the drawer's ceiling: what image2
-    would be if the reflection were perfect."""
-    def fn(imgs):
-        out = []
-        for s, im in zip(chunk, imgs):
-            v = world.verify(s, im)
-            t = world.reflection_text(s, v, v["objects"] if v["correct"] else world.render(s, rng, holdout="any")[1])
-            out.append(world.encode(t) + [M.END_THINK, M.VS])
-        return out
-    return fn
 
 
 def irg_grid(rows, path):
@@ -577,7 +459,7 @@ def curve_png(series, path, title=""):
     im.save(path)
 
 
-# ----------------------------------------------------------------------------- self-judgment (issue 12)
+# ----------------------------------------------------------------------------- self-judgment
 
 def auroc(scores, labels):
     """Area under the ROC curve: the probability that a random positive scores above a random
@@ -598,7 +480,7 @@ def auroc(scores, labels):
 @torch.no_grad()
 def self_judgment(model, ae, n, a, device, seed=4321):
     """How well the model's own understanding separates its correct from its wrong generations
-    (SRUM's premise; issue 12, must-show 2). A fresh prompt set (n per tag, drawn with another
+    (SRUM's premise). A fresh prompt set (n per tag, drawn with another
     seed than data/eval.jsonl), one think-mode image each with evaluate.py's sampler, labelled by
     the exact verifier; then the AUROC of the self VQAScore (P(yes)) and of the self-judge's
     global score g (rewards.SelfJudge, the paper's prompt) against those labels."""
@@ -629,12 +511,8 @@ def main(argv=None):
     os.makedirs(a["out"], exist_ok=True)
     print(f"evaluating {a['ckpt']} (step {meta.get('step')}) on {len(specs)} prompts x {a['k']} images")
     if "irg" in a["modes"].split(","):       # the IRG sampler's own settings (not --temperature etc.)
-        ok = world.encode(world.PROBLEMS["ok"])          # "the image is correct": --irg_keep / --irg_keep_p, model.irg_generate
-        evaluate_irg(model, ae, specs, dict(a, **irg_defaults, max_think=a["irg_max_think"], keep_ids=ok if a["irg_keep"] else None,
-                                            cfg_text2=a["irg_cfg_text2"], cfg_img=a["irg_cfg_img"], oracle=a["irg_oracle"],
-                                            ok_ids=ok, keep_p=a["irg_keep_p"], select=a["irg_select"], best2=a["irg_best2"],
-                                            fresh2=world.encode(world.REDRAW) if a["irg_fresh2"] else None), device,
-                     os.path.join(a["out"], "irg"))
+        evaluate_irg(model, ae, specs, dict(a, **irg_defaults, max_think=a["irg_max_think"], cfg_text2=a["irg_cfg_text2"],
+                                            cfg_img=a["irg_cfg_img"], best2=a["irg_best2"]), device, os.path.join(a["out"], "irg"))
     summary = evaluate(model, ae, specs, dict(a, modes=a["modes"].replace("irg", "")), device, a["out"])
     if a["unified"]:
         import rewards as R
@@ -648,10 +526,7 @@ def main(argv=None):
         summary["self_judgment"] = self_judgment(model, ae, a["auroc"], a, device)
     if a["captions"]:
         summary["captions"] = caption_eval(model, ae, a["captions"], device)
-    if a["irg_replan"]:
-        summary["replan_probe"] = replan_probe(model, ae, world.pick(world.load_specs(a["eval"]), a["irg_replan"]),
-                                               dict(a, **irg_defaults, max_think=a["irg_max_think"]), device)
-    if a["unified"] or a["auroc"] or a["captions"] or a["irg_replan"]:
+    if a["unified"] or a["auroc"] or a["captions"]:
         with open(os.path.join(a["out"], "summary.json"), "w") as f:
             json.dump(summary, f, indent=1)
     return summary

@@ -794,15 +794,6 @@ def noise_velocity(model, cache, x, t):
     return model.velocity(model(b, cache))
 
 
-def force_text(model, cache, seqs):
-    """Teacher-force ragged token lists into the cache, one column at a time as decode_text writes
-    its samples (a row that has ended is not live)."""
-    dev = cache.pos.device
-    for j in range(max(len(x) for x in seqs)):
-        live = torch.tensor([len(x) > j for x in seqs], device=dev)
-        append_text(model, cache, torch.tensor([[x[j] if len(x) > j else PAD] for x in seqs], device=dev), live)
-
-
 def force_switch(model, cache, toks):
     """Rows that stopped without <|vision_start|> (hit <eos> or the length cap) are switched by force."""
     sw = torch.tensor([len(t) > 0 and t[-1] == VS for t in toks], device=cache.pos.device)
@@ -829,23 +820,11 @@ def draw_first(model, ae, prompts, s, palette, generator=None):
 @torch.no_grad()
 def irg_generate(model, ae, prompts, s, palette, generator=None):
     """The whole IRG pipeline, batched and KV-cached. prompts: list of id lists; s: the sampler
-    settings (temperature, max_think, sample_steps, cfg_text, cfg_img, cfg_lo1, shift) and optionally:
-      cfg_text2  image2's text CFG where it differs from image1's
-      think2_fn  image1 pixels -> the think2 token lists to teacher-force instead of sampling them
-      keep_ids   a think2 that begins with these ids keeps image1 as image2
-      ok_ids     score P(think2 begins with them) (critic_p)
-      keep_p     keep image1 where that probability is >= keep_p, whatever think2 was sampled
-      select     the critic also reads the redrawn image2 as it read image1 (critic_reread) and the
-                 returned image2 is whichever of the two it scores higher (an option of ours, not upstream's)
-      fresh2     the ids of "redraw :": image2 is drawn as image1 was (text CFG cfg_text on [cfg_lo1, 1]), from
-                 <bos> P <think> and the plan think2 writes after them, image1 and the problem out of its
-                 context (redraw_plan; an ablation of ours: does image2 gain from seeing image1?)
-    palette: the AE's decoding palette (palette).
+    settings (temperature, max_think, sample_steps, cfg_text, cfg_img, cfg_lo1, shift) and optionally
+    cfg_text2 (image2's text CFG where it differs from image1's) and ok_ids (score the reflection as a
+    critic: P(think2 begins with them), critic_p). palette: the AE's decoding palette.
     Returns dict(think1, think2 (token lists), switched1, switched2, z1, z2, img1, img2 (uint8 numpy),
-    kept [B] bool, p_ok [B] or None, p_ok2 [B] or None: the critic on the image2 returned before select)."""
-    for k in ("keep_p", "select"):
-        if s.get(k) and not s.get("ok_ids"):
-            raise ValueError(f"{k} needs ok_ids (the ids of \"the image is correct\") to score the critic")
+    p_ok [B] or None)."""
     dev = next(model.parameters()).device
     B = len(prompts)
     cache, t1, sw1, z1, img1, zc = draw_first(model, ae, prompts, s, palette, generator)
@@ -854,50 +833,26 @@ def irg_generate(model, ae, prompts, s, palette, generator=None):
     text_unc = fork(cache)
     logits = append_text(model, cache, torch.full((B, 1), THINK, device=dev))
     p_ok = critic_p(model, cache, logits, s["ok_ids"]) if s.get("ok_ids") else None
-    if s.get("think2_fn") is None:
-        t2, _ = decode_text(model, cache, logits, {VS, EOS}, s["max_think"], s["temperature"], generator)
-    else:       # a given think2 per row, from image1's pixels (evaluate.py --irg_oracle: the verifier's reflection)
-        t2 = [list(t) for t in s["think2_fn"](img1.cpu().numpy())]
-        force_text(model, cache, t2)
+    t2, _ = decode_text(model, cache, logits, {VS, EOS}, s["max_think"], s["temperature"], generator)
     sw2 = force_switch(model, cache, t2)
     append_text(model, text_unc, torch.full((B, 1), VS, device=dev))
     # step 5: image2, Euler from t = 1 (noise) to 0 with the three fields combined
     c = model.c
     x = torch.randn(B, c.n_img, c.latent_ch, device=dev, generator=generator)
-    if s.get("fresh2"):     # the ablation: the same noise, drawn as image1 was from P and the redraw plan alone
-        fresh, _ = prefill(model, [[BOS] + list(p) + [THINK] + redraw_plan(t, s["fresh2"]) for p, t in zip(prompts, t2)], dev)
-        unc, _ = prefill(model, [[BOS, VS]] * B, dev)
-        x = sample_image(model, fresh, unc, s["sample_steps"], s["cfg_text"], (s["cfg_lo1"], 1.0), shift=s["shift"], x1=x)
-    else:
-        # the img-uncond context: all the text, no image (image1 dropped with its <vs> ... <ve>)
-        img_unc, _ = prefill(model, [img_uncond_ids(p, a, b) for p, a, b in zip(prompts, t1, t2)], dev)
-        ts = shift_t(torch.linspace(1, 0, s["sample_steps"] + 1), s["shift"]).tolist()
-        ct2 = s.get("cfg_text2", s["cfg_text"])                   # image2's text CFG (default: image1's)
-        guided = ct2 != 1.0 or s["cfg_img"] != 1.0
-        for i in range(s["sample_steps"]):
-            t, dt = ts[i], ts[i] - ts[i + 1]
-            v = noise_velocity(model, cache, x, t)
-            if guided and t >= s.get("cfg_lo2", 0.0):
-                v = cfg_combine(v, noise_velocity(model, text_unc, x, t), noise_velocity(model, img_unc, x, t), ct2, s["cfg_img"])
-            x = x - v * dt                                        # v = eps - x0: step toward the data
+    # the img-uncond context: all the text, no image (image1 dropped with its <vs> ... <ve>)
+    img_unc, _ = prefill(model, [img_uncond_ids(p, a, b) for p, a, b in zip(prompts, t1, t2)], dev)
+    ts = shift_t(torch.linspace(1, 0, s["sample_steps"] + 1), s["shift"]).tolist()
+    ct2 = s.get("cfg_text2", s["cfg_text"])                       # image2's text CFG (default: image1's)
+    guided = ct2 != 1.0 or s["cfg_img"] != 1.0
+    for i in range(s["sample_steps"]):
+        t, dt = ts[i], ts[i] - ts[i + 1]
+        v = noise_velocity(model, cache, x, t)
+        if guided and t >= s.get("cfg_lo2", 0.0):
+            v = cfg_combine(v, noise_velocity(model, text_unc, x, t), noise_velocity(model, img_unc, x, t), ct2, s["cfg_img"])
+        x = x - v * dt                                            # v = eps - x0: step toward the data
     img2 = ae.decode(x, palette)
-    # keep (an inference option, off upstream): where the model's own reflection says image1 is right,
-    # image2 is image1, as IRGL's keep records teach, instead of a redraw that can break it
-    keep = s.get("keep_ids") or []
-    kept = torch.tensor([bool(keep) and list(t[:len(keep)]) == list(keep) for t in t2], device=dev)
-    if s.get("keep_p"):     # keep_p: keep where the critic's P(think2 begins "the image is correct") >= keep_p
-        kept = p_ok >= s["keep_p"]
-    x = torch.where(kept[:, None, None], z1, x)
-    img2 = torch.where(kept[:, None, None, None], img1, img2)
-    p_ok2 = None
-    if s.get("ok_ids"):     # the same critic on image2, read in image1's place; a kept row's image2 is image1
-        p_ok2 = torch.where(kept, p_ok, critic_reread(model, ae, prompts, t1, img2, s["ok_ids"]))
-    if s.get("select"):     # select: image1 stays wherever the critic does not score the redraw higher
-        back = p_ok >= p_ok2
-        x, img2 = torch.where(back[:, None, None], z1, x), torch.where(back[:, None, None, None], img1, img2)
     return dict(think1=t1, think2=t2, switched1=sw1, switched2=sw2, z1=z1, z2=x,
-                img1=img1.cpu().numpy(), img2=img2.cpu().numpy(), kept=kept.cpu().numpy(),
-                p_ok=None if p_ok is None else p_ok.cpu().numpy(), p_ok2=None if p_ok2 is None else p_ok2.cpu().numpy())
+                img1=img1.cpu().numpy(), img2=img2.cpu().numpy(), p_ok=None if p_ok is None else p_ok.cpu().numpy())
 
 
 @torch.no_grad()
@@ -911,25 +866,6 @@ def critic_p(model, cache, logits, ids):
         if j + 1 < len(ids):
             logits = append_text(model, c, torch.full((logits.shape[0], 1), tok, device=logits.device))
     return lp.exp()
-
-
-@torch.no_grad()
-def reflect_context(model, ae, prompts, t1, imgs):
-    """The context think2 is written in, for given think1s and image1s: <bos> P <think> T1 <vs> image <ve>
-    <think>, as draw_first and irg_generate build it, with imgs (pixels, re-entered as the AE reads them)
-    for image1. Returns (cache, the next-token logits)."""
-    dev = next(model.parameters()).device
-    cache, _ = prefill(model, [[BOS] + list(p) + [THINK] + list(t) + ([] if t and t[-1] == VS else [VS])
-                               for p, t in zip(prompts, t1)], dev)
-    append_image(model, cache, ae.encode(imgs))
-    append_text(model, cache, torch.full((len(prompts), 1), VE, device=dev))
-    return cache, append_text(model, cache, torch.full((len(prompts), 1), THINK, device=dev))
-
-
-@torch.no_grad()
-def critic_reread(model, ae, prompts, t1, imgs, ids):
-    """critic_p on other images in image1's place (reflect_context)."""
-    return critic_p(model, *reflect_context(model, ae, prompts, t1, imgs), ids)
 
 
 def redraw_plan(t2, marker):

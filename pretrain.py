@@ -13,7 +13,6 @@ Launch (exact recipe of the shipped base: README "Pre-training"):
   ... --init_from data/base                                     (continue from committed weights)
   ... --row_len 160     rows of 160 tokens, each holding as many samples as fit (default;
                         0 = one sample per row, right-padded: about half the tokens are pads)
-  ... --compile         torch.compile the model (forward and backward); bench.py --step times it
 
 Task mixture (design section 3). Each sample is a list of segments for model.pack:
   t2i       <bos> prompt <|vision_start|> [noise image]                 (CFG dropout: text dropped)
@@ -28,14 +27,10 @@ Task mixture (design section 3). Each sample is a list of segments for model.pac
 (evaluate.py's sampler; saved as OUT/own.npz, reused on --resume); then a share --own_frac of
 the vqa / judge / region samples reads one of these instead of a render or a negative, with the
 answer the exact verifier gives on it. The judge learns on the kind of image it will judge: the
-model's own samples (issue 12), not only clean renders.
+model's own samples, not only clean renders.
 --own_reflect F: a share F of the reflect samples shows one of these images as image1, and think2 is the
-verifier's reflection on it (IRG, issue 14: the critic in think2 learns on the model's own drawings, the
-images IRG's inference reflects on; otherwise image1 is a render or a render's negative).
---reflect_replan F: in a share F of the reflect samples whose image1 is wrong, think1 is the plan image1 was
-drawn from (a negative's own layout, or the model's own think1 for its drawings; no loss on it), so a wrong
-image1 can come from a wrong plan, as at inference, and think2's redraw plan is a new, right layout. Without
-it think1 is always the right plan that the redraw plan repeats word for word (RESULTS "data/base_v4").
+verifier's reflection on it (IRG: the critic in think2 learns on the model's own drawings, the images
+IRG's inference reflects on; otherwise image1 is a render or a render's negative).
 Images of knowledge prompts and of counts 5-6 never appear (held out to test transfer), nor
 do held-out (colour, shape) pairs or (shape, relation, shape) triples, nor eval prompts.
 --und_transfer: the vqa / judge / region samples draw their prompts from all twelve tags, so the
@@ -63,23 +58,23 @@ from common import setup_dist, teardown_dist, ddp, all_sum, finite, claim_run_di
 defaults = dict(
     stage="umm", out="runs/base", ae="runs/ae/ckpt", init_from="", resume=False, overwrite=False,
     depth=8, batch=128, steps=20000, lr=3e-4, warmup=300, cooldown=0.2, wd=0.0, clip=1.0,
-    ema=0.999, t_shift=1.0, cfg_drop=0.1, dtype="bf16", workers=2, seed=0, row_len=160, compile=False, mix="",
+    ema=0.999, t_shift=1.0, cfg_drop=0.1, dtype="bf16", workers=2, seed=0, row_len=160, mix="",
     log_every=50, ckpt_every=1000, eval_every=0, eval_n=8, minutes=0.0, max_minutes=0.0, stop_after=0, dump_grads="",
-    own_n=0, own_frac=0.5, own_batch=256, own_reflect=0.0, reflect_replan=0.0, und_transfer=False,
+    own_n=0, own_frac=0.5, own_batch=256, own_reflect=0.0, und_transfer=False,
     ae_init="", ae_steps=3000, ae_minutes=0.0, ae_batch=32, ae_width=16, ae_lr=2e-3, ae_noise=0.2,
 )
 choices = dict(stage=("ae", "umm"), dtype=("fp32", "bf16"))
 ranges = dict(depth=">= 1", batch=">= 1", steps=">= 1", lr="> 0", warmup=">= 1", cooldown="0..1", wd=">= 0", clip="> 0",
               ema="0..1", t_shift="> 0", cfg_drop="0..1", workers=">= 0", log_every=">= 1", ckpt_every=">= 1",
               eval_every=">= 0", eval_n=">= 1", minutes=">= 0", max_minutes=">= 0", stop_after=">= 0", ae_steps=">= 1",
-              own_n=">= 0", own_frac="0..1", own_reflect="0..1", reflect_replan="0..1", own_batch=">= 1", ae_minutes=">= 0", ae_batch=">= 1", ae_width=">= 8", ae_lr="> 0", ae_noise=">= 0")
+              own_n=">= 0", own_frac="0..1", own_reflect="0..1", own_batch=">= 1", ae_minutes=">= 0", ae_batch=">= 1", ae_width=">= 8", ae_lr="> 0", ae_noise=">= 0")
 MIX = dict(t2i=0.24, think=0.2, caption=0.1, vqa=0.16, judge=0.07, region=0.07, reflect=0.1, fact=0.06)
 
 
-# flags of the machine and of the session, free to change when a run is continued; every other flag
+# flags of the machine and of the launch, free to change when a run is continued; every other flag
 # (the model, the data stream, the schedule) is the run's own, read back from OUT/ckpt.json
-SESSION_FLAGS = ("out", "resume", "overwrite", "workers", "max_minutes", "stop_after", "log_every", "ckpt_every",
-                 "eval_every", "eval_n", "dump_grads", "compile", "own_batch", "minutes", "steps")
+LAUNCH_FLAGS = ("out", "resume", "overwrite", "workers", "max_minutes", "stop_after", "log_every", "ckpt_every",
+                 "eval_every", "eval_n", "dump_grads", "own_batch", "minutes", "steps")
 
 
 def resumed_args(a):
@@ -93,7 +88,7 @@ def resumed_args(a):
     with open(path) as f:
         saved = json.load(f).get("args", {})
     for k, v in saved.items():
-        if k in SESSION_FLAGS or k not in defaults:
+        if k in LAUNCH_FLAGS or k not in defaults:
             continue
         if a[k] != defaults[k] and a[k] != v:
             raise ValueError(f"--resume {a['out']}: the run was launched with --{k} {v!r}, this call asks "
@@ -136,10 +131,9 @@ def train_spec(rng, banned, tags=IMAGE_TAGS):
             return spec
 
 
-def make_sample(task, rng, banned, own=None, und_transfer=False, replan=0.0):
+def make_sample(task, rng, banned, own=None, und_transfer=False):
     """One sample as segments; images are still uint8 arrays ("img_clean"/"img_noise").
-    own: the pool of the model's own images (dict specs, images, frac, reflect, plans) or None.
-    replan: --reflect_replan's share (think1 = the plan a wrong image1 was drawn from).
+    own: the pool of the model's own images (dict specs, images, frac, reflect) or None.
     und_transfer: vqa / judge / region also ask about images of the two transfer tags (knowledge
     nouns, counts 5-6); the generation tasks (t2i, think, reflect) still never draw them."""
     enc = world.encode
@@ -183,32 +177,21 @@ def make_sample(task, rng, banned, own=None, und_transfer=False, replan=0.0):
         # --own_reflect: image1 is one of the model's own drawings, so think2 learns to criticise the kind of
         # image IRG's inference shows it (renders and their negatives are all it sees otherwise)
         mine = own is not None and own.get("reflect", 0) > 0 and rng.random() < own["reflect"]
-        drawn_from = None                                     # the plan image1 was drawn from, where known
         if mine:
             j = int(rng.integers(len(own["specs"])))
             spec, flawed = own["specs"][j], own["images"][j]
-            drawn_from = own["plans"][j] if own.get("plans") else None
         target, scene = world.render(spec, rng, holdout="train")
         if not mine:
-            if rng.random() < 0.25:
-                flawed = target
-            else:
-                flawed, _, bad_scene = world.negative(spec, rng, holdout="train")
-                drawn_from = enc(world.plan_text(bad_scene)) + [M.END_THINK, M.VS] if bad_scene else None
+            flawed = target if rng.random() < 0.25 else world.negative(spec, rng, holdout="train")[0]
         v = world.verify(spec, flawed)
         fix = world.reflection_text(spec, v, scene)           # the verifier's verdict on image1, then the plan
-        t1, w1 = enc(world.plan_text(scene)) + [M.END_THINK, M.VS], 1.0
-        # --reflect_replan: think1 is the (wrong) plan a wrong image1 follows, untrained; the redraw plan is new
-        if replan > 0 and not v["correct"] and drawn_from and drawn_from[-2:] == [M.END_THINK, M.VS] \
-                and rng.random() < replan:
-            t1, w1 = list(drawn_from), 0.0
-        return [("text", [M.BOS] + enc(spec["prompt"]) + [M.THINK], 0), ("text", t1, w1), ("img_clean", flawed),
+        t1 = enc(world.plan_text(scene)) + [M.END_THINK, M.VS]
+        return [("text", [M.BOS] + enc(spec["prompt"]) + [M.THINK], 0), ("text", t1, 1.0), ("img_clean", flawed),
                 ("text", [M.VE, M.THINK], 0), ("text", enc(fix) + [M.END_THINK, M.VS], 1.0), ("img_noise", target)]
     raise ValueError(task)
 
 
-def make_batch(seed, step, lo, hi, banned, cfg_drop, t_shift, C, row_len=None, mix=None, own=None, und_transfer=False,
-               replan=0.0):
+def make_batch(seed, step, lo, hi, banned, cfg_drop, t_shift, C, row_len=None, mix=None, own=None, und_transfer=False):
     """Samples lo..hi of the global batch of `step`, packed (on a CPU worker) into rows of
     row_len tokens holding many samples each (None: one sample per row). Each sample has
     its own RNG seeded by (seed, step, index), so the global batch is the same for any number
@@ -223,7 +206,7 @@ def make_batch(seed, step, lo, hi, banned, cfg_drop, t_shift, C, row_len=None, m
         rng = np.random.default_rng([seed, step, i])
         task = tasks[rng.choice(len(tasks), p=probs / probs.sum())]
         segs = []
-        for seg in make_sample(task, rng, banned, own, und_transfer, replan):
+        for seg in make_sample(task, rng, banned, own, und_transfer):
             if seg[0].startswith("img"):
                 images.append(seg[1])
                 if seg[0] == "img_clean":
@@ -268,7 +251,7 @@ class Stream(torch.utils.data.IterableDataset):
         step = self.start + k
         while True:
             yield make_batch(self.a["seed"], step, self.lo, self.hi, banned, self.a["cfg_drop"], self.a["t_shift"], self.C,
-                             self.a["row_len"] or None, mix, self.own, self.a["und_transfer"], self.a["reflect_replan"])
+                             self.a["row_len"] or None, mix, self.own, self.a["und_transfer"])
             step += n
 
 
@@ -292,7 +275,6 @@ def own_pool(umm, ae, a, device, rank):
         print(f"own pool: {len(specs)} think-mode images, {ok:.3f} correct by the verifier", flush=True)
         tmp = path + ".tmp.npz"                     # atomic: a killed run never leaves half a pool
         np.savez(tmp, images=np.stack(out["image"]).astype(np.uint8), specs=np.array(json.dumps(out["spec"])),
-                 plans=np.array(json.dumps([[int(t) for t in p] for p in out["think"]])),
                  correct_rate=np.array(ok))
         os.replace(tmp, path)
     if torch.distributed.is_initialized():
@@ -301,11 +283,7 @@ def own_pool(umm, ae, a, device, rank):
     if len(f["images"]) != a["own_n"]:
         raise ValueError(f"{path} holds {len(f['images'])} images, --own_n asks {a['own_n']}; it belongs to another "
                          f"run: start this one with --overwrite (it draws a new pool) or another --out")
-    if a["reflect_replan"] and a["own_reflect"] and "plans" not in f.files:
-        raise ValueError(f"{path} was drawn before pools kept their plans, and --reflect_replan needs them: start the run "
-                         f"with --overwrite (it draws a new pool) or another --out")
-    return dict(images=f["images"], specs=json.loads(str(f["specs"])), frac=a["own_frac"], reflect=a["own_reflect"],
-                plans=json.loads(str(f["plans"])) if "plans" in f.files else None)
+    return dict(images=f["images"], specs=json.loads(str(f["specs"])), frac=a["own_frac"], reflect=a["own_reflect"])
 
 
 def to_device(b, ae, device):
@@ -450,12 +428,6 @@ def main(argv=None):
     ae.requires_grad_(False).eval()
     ema = {k: v.detach().clone().float() for k, v in umm.state_dict().items()}
     raw = umm
-    if a["compile"] and device.startswith("cuda"):
-        raise ValueError("--compile: on CUDA the compiled MoT failed at its first forward+backward (H100, torch "
-                         "2.11, session 6: a shape error at the MLP residual; RESULTS 'Understanding base'); "
-                         "train without --compile (CPU compile is tested), or check a fix with `bench.py --step`")
-    if a["compile"]:      # dynamic: the number of rows and the two experts' blocks vary per batch
-        umm = torch.compile(umm, dynamic=True)
     if world_size > 1:
         umm = ddp(umm, local, device)
     opt = torch.optim.AdamW(raw.parameters(), lr=a["lr"], betas=(0.9, 0.95), weight_decay=a["wd"], eps=1e-8)

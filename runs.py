@@ -67,12 +67,10 @@ def open_run(a, rank, script):
     return log
 
 
-def saved_rollouts(path, a, keys, script, added=None):
+def saved_rollouts(path, a, keys, script):
     """The rollouts (+ rewards, before-eval) an earlier run saved at `path`, checked to match this
     run on `keys` (--reuse: another run's folder; --resume: this run's own). None if a resumed run
-    was killed before it saved them (they are made again, deterministically). added: settings newer
-    than some saved runs, with the value those runs were made with (a run saved before irg.py had
-    --flaw_plan was made with its "target"), so that such a run still resumes."""
+    was killed before it saved them (they are made again, deterministically)."""
     if not os.path.exists(path):
         if a.get("resume") and not a.get("reuse"):
             return None
@@ -80,7 +78,7 @@ def saved_rollouts(path, a, keys, script, added=None):
                                 f"with the same number of processes")
     saved = torch.load(path, weights_only=False)
     for k in keys:
-        made = saved["args"].get(k, (added or {}).get(k))
+        made = saved["args"].get(k)
         if made != a[k]:
             how = f"--reuse {a['reuse']}" if a.get("reuse") else f"--resume {a['out']}"
             raise ValueError(f"{how}: it was made with --{k} {made}, this run has --{k} {a[k]}; pass the same value"
@@ -139,25 +137,22 @@ def state_path(a, rank):
     return os.path.join(a["out"], f"state.rank{rank}.pt")
 
 
-def save_state(a, rank, step, model, opt, sched, rng, ema=None):
+def save_state(a, rank, step, model, opt, sched, rng):
     """Mid-training checkpoint of this rank (atomic): fp32 weights, optimiser, LR schedule,
-    torch and numpy RNG states (and the EMA weights, if any): a resumed run continues exactly
+    torch and numpy RNG states: a resumed run continues exactly
     where this one stood."""
     atomic_torch_save(dict(step=step, model=model.state_dict(), opt=opt.state_dict(),
                            sched=sched.state_dict() if sched is not None else None,
-                           torch_rng=torch.get_rng_state(), np_rng=rng.bit_generator.state, ema=ema),
+                           torch_rng=torch.get_rng_state(), np_rng=rng.bit_generator.state),
                       state_path(a, rank))
 
 
-def load_state(a, rank, model, opt, sched, rng, log, ema=None):
+def load_state(a, rank, model, opt, sched, rng, log):
     """--resume: restore the last mid-training checkpoint (if any); returns the step to start at.
     metrics.jsonl keeps the records of steps before it, so no step is logged twice."""
     if not (a.get("resume") and os.path.exists(state_path(a, rank))):
         return 0
     st = torch.load(state_path(a, rank), weights_only=False)
-    if ema is not None:
-        for k, v in st["ema"].items():
-            ema[k].copy_(v)
     model.load_state_dict(st["model"])
     opt.load_state_dict(st["opt"])
     if sched is not None:
@@ -179,34 +174,6 @@ def set_trainable(model, params):
     for n, p in model.named_parameters():
         p.requires_grad_(params == "all" or not n.startswith(GEN_ONLY))
     return [p for p in model.parameters() if p.requires_grad]
-
-
-# EMA of the weights (--ema DECAY; 0 = off): a method's few hundred steps at batch 16-32 move the
-# weights by the gradient's noise as well as by its signal; the running average keeps the drift and
-# averages the noise of its last ~1 / (1 - DECAY) steps. What the run evaluates and saves is the EMA.
-
-def ema_init(model, decay):
-    """The EMA's weights, starting at the model's (None when decay is 0)."""
-    return {k: v.detach().clone() for k, v in model.state_dict().items()} if decay else None
-
-
-@torch.no_grad()
-def ema_step(ema, model, decay):
-    """ema <- decay * ema + (1 - decay) * weights, after each optimiser step."""
-    if ema is not None:
-        for k, v in model.state_dict().items():
-            if v.is_floating_point():
-                ema[k].mul_(decay).add_(v, alpha=1 - decay)
-
-
-@torch.no_grad()
-def ema_swap(model, ema):
-    """Exchange the model's weights with the EMA's, in place: call it again to swap back."""
-    if ema is not None:
-        for k, v in model.state_dict().items():
-            t = v.clone()
-            v.copy_(ema[k])
-            ema[k].copy_(t)
 
 
 def finish(model, ae, before, eval_specs, ea, device, a, method, log, **extra):

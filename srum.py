@@ -12,34 +12,16 @@ by region, and the judgments weight the flow-matching loss token by token.
   python srum.py --report runs/srum                      # table over runs/srum/*: median and spread over seeds
   python srum.py --out runs/srum/x --resume              # continue a killed run from its last checkpoint
 
-The method (design section 4; the paper's symbols):
-  1. candidates  N think-mode generations per prompt: the model writes its plan and itself emits
-                 <|vision_start|>, then draws x0 (KV cache, batched). Drawn from the model's own
-                 distribution (T 1, no CFG, --cfg 1), for rwr.py's reason: images drawn with CFG,
-                 trained on and sampled with CFG again get the guidance twice.
-  2. boxes       the detector (world.detect, the analog of the paper's SAM) proposes boxes; the 5
-                 largest by area are judged.
-  3. judgment    the frozen copy answers the paper's prompts (tables 7-8, world.global_judge_prompt
-                 and region_judge_prompt): a global score g and a score s_i per box, in [-1, 1]
-                 (rewards.SelfJudge: the expected score over the grid the judge was taught).
-  4. reward map  R over the 64x64 pixels, then area-averaged onto the 4x4 token grid (one token
-                 per 16x16 pixels, area average):
-                   code  (upstream, default):  R = 0.5;  R[box_i] = max(R, (s_i + 1) / 2);  R *= (g + 1) / 2
-                   paper (Eq. 1 as written):   R = 0;    R[box_i] = s_i  (the lowest where boxes overlap);
-                                               R *= alpha = (g + 1) / 2, so R in [-1, 1] and R < 0 repels
-                 The code never makes R < 0: the default follows the code, the paper's form is a switch.
-  5. loss        L = L_r + lambda_c * L_ref   (Eq. 3), per token k of each candidate's image:
-                   L_r   = mean(R_k * (v_theta(x_t, t | c, plan) - (eps - x0_gt))^2)    (Eq. 1)
-                   L_ref = mean((v_theta - (eps - x0_gt))^2)                          (Eq. 2)
-                 x0_gt is the same self-generated image (upstream); both terms in one pass of the
-                 fused kernel (kernels/loss.py: w per token, lam = lambda_c). The plan is context
-                 only: SRUM trains the generation side. AdamW (0.9, 0.95), eps 1e-15, constant
-                 LR 2.5e-5 after a short warmup, grad clip 1 (paper table 6).
-Ablations (paper figure 3): --reward_level sample (R = (g + 1) / 2 everywhere: global only),
---binary (g and s_i rounded to -1 / +1 before the map: the 0-1 reward), --lambda_c 0 (no KL
-term), --no_global (no R *= (g + 1) / 2), --baseline sft (R = 1, lambda_c 0: SFT on the same images).
---ema DECAY (0 = off, the default): evaluate and save an exponential moving average of the weights
-(runs.ema_step), which keeps the regression's drift and averages the noise of its small batches.
+The method, step by step in main (design section 4, the paper's symbols): 1. candidates, N think-mode
+generations per prompt from the model's own distribution (T 1, --cfg 1: rwr.py's reason); 2. boxes,
+the 5 largest the detector (world.detect, the paper's SAM) finds; 3. judgment, a global score g and a
+score s_i per box in [-1, 1] from the frozen copy asked the paper's prompts (tables 7-8); 4. the reward
+map R per image token (reward_map: the upstream code's, default, or Eq. 1's); 5. the regression
+  L = L_r + lambda_c * L_ref (Eq. 3),  L_r = mean(R_k * (v_theta - (eps - x0_gt))^2) (Eq. 1),
+  L_ref = mean((v_theta - (eps - x0_gt))^2) (Eq. 2),  x0_gt = the candidate itself (upstream),
+in one pass of the fused kernel; AdamW (0.9, 0.95), eps 1e-15, constant LR 2.5e-5, clip 1 (table 6).
+Ablations (paper figure 3): --reward_level sample (global only), --binary (the 0-1 reward), --lambda_c
+0 (no KL term), --no_global, --baseline sft (R = 1, lambda_c 0: SFT on the same images).
 """
 import os
 import time
@@ -65,9 +47,7 @@ defaults = dict(
     judge="self", judge_score="mean", top_k=5, reward_map="code", reward_level="region", binary=False,
     no_global=False, baseline="none",
     # regression
-    lambda_c=0.5, train_steps=150, batch=32, lr=2.5e-5, warmup=10, clip=1.0, t_shift=1.0, cfg_drop=0.1, ckpt_every=25,
-    ema=0.0,
-    row_len=160,
+    lambda_c=0.5, train_steps=150, batch=32, lr=2.5e-5, warmup=10, clip=1.0, t_shift=1.0, cfg_drop=0.1, ckpt_every=25, row_len=160,
     # evaluation before / after on the held-out eval set
     eval_n=20, eval_k=2, dtype="fp32",
 )
@@ -75,14 +55,16 @@ choices = dict(judge=("self", "oracle"), judge_score=("mean", "mode"), reward_ma
                reward_level=("region", "sample"), baseline=("none", "sft"), dtype=("fp32", "bf16"))
 ranges = dict(n_prompts=">= 0", N=">= 1", temperature=">= 0", max_think=">= 1", gen_batch=">= 1", sample_steps=">= 1",
               cfg=">= 0", shift="> 0", top_k=">= 1", lambda_c=">= 0", train_steps=">= 1", batch=">= 1", lr="> 0",
-              warmup=">= 0", clip="> 0", t_shift="> 0", cfg_drop="0..1", ckpt_every=">= 1", row_len=">= 0", eval_n=">= 1",
-              ema="0..1",
-              eval_k=">= 1")
+              warmup=">= 0", clip="> 0", t_shift="> 0", cfg_drop="0..1", ckpt_every=">= 1", row_len=">= 0", eval_n=">= 1", eval_k=">= 1")
 
 
 def reward_map(g, regions, a):
-    """Step 4: one candidate's reward over the 16 image tokens (row-major 4x4), from its global
-    score g and its [(box, s_i)] in [-1, 1]. Also returns the 64x64 pixel map (for the grids)."""
+    """Step 4: one candidate's reward over the 16 image tokens (row-major 4x4, area average of the
+    64x64 pixel map, also returned for the grids), from its global score g and its [(box, s_i)]:
+      code  (upstream, default):  R = 0.5;  R[box_i] = max(R, (s_i + 1) / 2);  R *= (g + 1) / 2
+      paper (Eq. 1 as written):   R = 0;    R[box_i] = s_i (the lowest where boxes overlap);
+                                  R *= alpha = (g + 1) / 2, so R in [-1, 1] and R < 0 repels
+    The code never makes R < 0: the default follows the code, the paper's form is the switch."""
     if a["binary"]:                                   # the 0-1 reward: only the sign of each judgment
         g, regions = (1.0 if g > 0 else -1.0), [(b, 1.0 if s > 0 else -1.0) for b, s in regions]
     if a["reward_level"] == "sample":                 # one number for the whole image: the global one
@@ -178,8 +160,7 @@ def main(argv=None):
     opt = torch.optim.AdamW(raw.parameters(), lr=a["lr"], betas=(0.9, 0.95), eps=1e-15, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(1, a["warmup"])))  # then constant
     rng = np.random.default_rng(a["seed"] * world_size + rank)
-    ema = runs.ema_init(raw, a["ema"])                                 # --ema: what is evaluated and saved
-    start = runs.load_state(a, rank, raw, opt, sched, rng, log, ema)  # --resume: the last training checkpoint
+    start = runs.load_state(a, rank, raw, opt, sched, rng, log)       # --resume: the last training checkpoint
     z_all = ae.encode(torch.as_tensor(np.stack(ro["image"]), device=device))   # x0_gt: the candidate, re-encoded
     per, n_ro = a["batch"] // world_size, len(ro["spec"])
     amp = torch.autocast(device.split(":")[0], dtype=torch.bfloat16, enabled=a["dtype"] == "bf16")
@@ -206,15 +187,13 @@ def main(argv=None):
         loss = velocity_loss(v.view_as(x0), eps, x0, w=w, lam=lam)
         gn = update(opt, loss, raw.parameters(), a["clip"], f"step {step + 1}")   # backward, clip, finite check, step
         sched.step()
-        runs.ema_step(ema, raw, a["ema"])
         if (step + 1) % 25 == 0 or step == start or step + 1 == a["train_steps"]:
             log.log(dict(phase="train", step=step + 1, loss=loss.item(), gnorm=gn.item(), lr=sched.get_last_lr()[0]),
                     f"step {step + 1}/{a['train_steps']} loss {loss.item():.4f} gn {gn.item():.2f}")
         if (step + 1) % a["ckpt_every"] == 0 or step + 1 == a["train_steps"]:
-            runs.save_state(a, rank, step + 1, raw, opt, sched, rng, ema)
+            runs.save_state(a, rank, step + 1, raw, opt, sched, rng)
 
-    # ---- after: the same eval, the run folder (of the EMA weights with --ema)
-    runs.ema_swap(raw, ema)
+    # ---- after: the same eval, the run folder
     if rank == 0:
         runs.finish(raw, ae, before, eval_specs, ea, device, a, "srum", log, reward=stats, hist=R.histogram((g + 1) / 2),
                     rollouts_per_s=ro_per_s, judge=judge_rec, token_reward_mean=float(Rtok.mean()))

@@ -1,4 +1,4 @@
-"""Packed rows and the new forward (issue 11): `python -m pytest -q test_pack.py`.
+"""Packed rows and the packed forward: `python -m pytest -q test_pack.py`.
 
 A packed batch (rows of row_len holding many samples) must compute exactly what the same
 samples compute one per row: the losses and every gradient; the new forward (sorted expert
@@ -105,7 +105,7 @@ def test_real_token_fraction_of_a_pretraining_batch():
 
 
 def test_new_forward_equals_old_forward_on_shipped_base():
-    """Same state_dict keys, and the same outputs as the forward before issue 11 (bench.old_forward)."""
+    """Same state_dict keys, and the same outputs as the one-sample-per-row forward (bench.old_forward)."""
     base = os.path.join(HERE, "data", "base")
     m, ae, _ = M.load_weights(base)
     from safetensors.torch import load_file

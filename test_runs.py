@@ -1,4 +1,4 @@
-"""Runs that neither lose work nor lie (issue 10): one test per finding.
+"""Runs that neither lose work nor lie: one test per rule.
 
   1 non-finite numbers stop a run at once and never reach a checkpoint
   2 nothing on disk is overwritten unasked (run folders, the mined prompt file)
@@ -308,7 +308,7 @@ def test_pretrain_checkpoints_on_sigterm_and_resume_keeps_its_schedule(tmp_path)
 
 
 def test_own_pool_feeds_the_judge_tasks_with_the_verifiers_answers(tiny_ckpt, tmp_path):
-    """pretrain.py --own_n (issue 12): the starting model draws its own think-mode images once
+    """pretrain.py --own_n: the starting model draws its own think-mode images once
     (OUT/own.npz, kept for --resume), and a vqa / judge / region sample that reads one gets the
     answer the exact verifier gives on that image, not the answer for the render it replaced."""
     import pretrain as P
@@ -323,8 +323,6 @@ def test_own_pool_feeds_the_judge_tasks_with_the_verifiers_answers(tiny_ckpt, tm
     f = np.load(out / "own.npz")
     specs = json.loads(str(f["specs"]))
     assert f["images"].shape == (6, world.W, world.W, 3) and len(specs) == 6
-    plans = json.loads(str(f["plans"]))                                  # each image's think1, for --reflect_replan
-    assert len(plans) == 6 and all(isinstance(t, int) for p in plans for t in p)
     banned = world.eval_prompts()
     assert not any(s["prompt"] in banned for s in specs)                 # training prompts only
     # --overwrite with another --own_n draws a new pool (never the old run's)
@@ -354,7 +352,7 @@ def test_own_pool_feeds_the_judge_tasks_with_the_verifiers_answers(tiny_ckpt, tm
 
 
 def test_own_reflect_shows_the_models_own_image_with_the_verifiers_reflection(tiny_ckpt, tmp_path):
-    """pretrain.py --own_reflect (issue 14): a reflect sample's image1 is one of the model's own images,
+    """pretrain.py --own_reflect: a reflect sample's image1 is one of the model's own images,
     its think2 the verifier's reflection on that image, its prompt and image2 that image's spec; at 0 the
     stream is the plain one, sample for sample; without a pool the flag is refused before any work."""
     import pretrain as P
@@ -387,47 +385,6 @@ def test_own_reflect_shows_the_models_own_image_with_the_verifiers_reflection(ti
     assert not (tmp_path / "run").exists()                                  # refused before the run folder
 
 
-def test_reflect_replan_shows_the_plan_a_wrong_image1_was_drawn_from():
-    """pretrain --reflect_replan: where image1 is wrong, think1 is the layout image1 follows (a negative's
-    own plan, or the model's own think1 for its drawing), with no loss on it; the redraw plan is image2's
-    right layout, and a right image1 keeps the plain sample."""
-    import pretrain as P
-    banned = world.eval_prompts()
-    seen = dict(replanned=0, right=0)
-
-    def objects(x):     # a plan's or an image's objects as (shape, colour) (a cell can differ at a border)
-        objs = world.parse_caption(x) or [] if isinstance(x, str) else world.detect(x)
-        return sorted((o["shape"], o["color"]) for o in objs)
-    for i in range(60):
-        segs = P.make_sample("reflect", np.random.default_rng([11, i]), banned, None, False, 1.0)
-        plain = P.make_sample("reflect", np.random.default_rng([11, i]), banned, None, False, 0.0)
-        img1, img2 = segs[2][1], segs[5][1]
-        assert np.array_equal(img1, plain[2][1]) and np.array_equal(img2, plain[5][1])   # same images, same think2
-        assert segs[4][1] == plain[4][1]
-        if world.decode(segs[4][1]).startswith("the image is correct"):
-            assert segs[1] == plain[1]                                                # a right image1: unchanged
-            seen["right"] += 1
-            continue
-        if segs[1][2] == 1.0:                          # an empty negative (no layout to plan): unchanged
-            assert segs[1] == plain[1]
-            continue
-        seen["replanned"] += 1
-        t1 = world.decode(segs[1][1][:-2])
-        assert segs[1][2] == 0.0 and plain[1][2] == 1.0                               # a wrong plan is never a target
-        assert objects(t1) == objects(img1)                                           # think1 is image1's layout
-        plan2 = world.decode(segs[4][1][:-2]).split(world.REDRAW)[1]
-        assert objects(plan2) == objects(img2) and plan2.strip() != t1.strip()       # the redraw plan: image2's
-    assert seen["replanned"] > 20 and seen["right"] > 5, seen
-    # the model's own drawings: think1 is the plan the pool kept for that image
-    rng = np.random.default_rng(3)
-    spec = P.train_spec(rng, banned, ("two_object",))
-    neg, _, bad_scene = world.negative(spec, rng, holdout="train")
-    own_plan = world.encode(world.plan_text(bad_scene)) + [M.END_THINK, M.VS]
-    own = dict(specs=[spec], images=np.stack([neg]), frac=0.0, reflect=1.0, plans=[own_plan])
-    segs = P.make_sample("reflect", np.random.default_rng(4), banned, own, False, 1.0)
-    assert segs[1] == ("text", own_plan, 0.0) and np.array_equal(segs[2][1], neg)
-
-
 def test_und_transfer_reaches_understanding_only():
     """pretrain --und_transfer: vqa / judge / region ask about knowledge nouns and counts 5-6; the
     generation tasks never draw them, with or without the flag; without it the stream is unchanged."""
@@ -448,54 +405,3 @@ def test_und_transfer_reaches_understanding_only():
     assert not any(v for (task, flag), v in seen.items() if not flag or task in ("t2i", "think", "reflect")), seen
     assert all(seen[t, True] for t in ("vqa", "judge", "region")), seen
 
-
-def test_ema_is_what_srum_saves_and_a_resume_keeps_it(ckpt, prompts, tmp_path, monkeypatch):
-    """--ema: the saved weights are the running average (not the last iterate), and a run killed
-    mid-training resumes to the same EMA weights as an uninterrupted one."""
-    import runs
-    import srum
-    lin = torch.nn.Linear(2, 2)
-    ema = runs.ema_init(lin, 0.5)
-    w0 = lin.weight.detach().clone()
-    with torch.no_grad():
-        lin.weight.add_(2.0)
-    runs.ema_step(ema, lin, 0.5)
-    assert torch.allclose(ema["weight"], w0 + 1.0)                       # 0.5 * w0 + 0.5 * (w0 + 2)
-    runs.ema_swap(lin, ema)
-    assert torch.allclose(lin.weight, w0 + 1.0) and torch.allclose(ema["weight"], w0 + 2.0)
-    runs.ema_swap(lin, ema)
-    assert torch.allclose(lin.weight, w0 + 2.0)
-    assert runs.ema_init(lin, 0.0) is None
-
-    plain, full, cut = tmp_path / "plain", tmp_path / "full", tmp_path / "cut"
-    srum.main(rwr_args(ckpt, prompts, plain))
-    srum.main(rwr_args(ckpt, prompts, full, "--reuse", str(plain), "--ema", "0.5"))
-    real = common.finite
-
-    def killed_at_step_3(where, **kw):
-        if where == "step 3":
-            raise KeyboardInterrupt
-        return real(where, **kw)
-    monkeypatch.setattr(common, "finite", killed_at_step_3)
-    with pytest.raises(KeyboardInterrupt):
-        srum.main(rwr_args(ckpt, prompts, cut, "--reuse", str(plain), "--ema", "0.5"))
-    monkeypatch.setattr(common, "finite", real)
-    srum.main(rwr_args(ckpt, prompts, cut, "--reuse", str(plain), "--ema", "0.5", "--resume"))
-    p, a, b = (weights(str(d / "ckpt")) for d in (plain, full, cut))
-    assert all(torch.equal(a[k], b[k]) for k in a)
-    assert any(not torch.equal(a[k], p[k]) for k in a)                  # the EMA, not the last iterate
-
-
-def test_saved_rollouts_reads_settings_newer_than_the_save(tmp_path):
-    """A run saved before a setting existed resumes when the setting has the value it was made with
-    (runs.saved_rollouts(added=...)), and refuses any other value with the flag and the fix named."""
-    import runs
-    import torch
-    path = tmp_path / "irgl.rank0.pt"
-    torch.save(dict(args=dict(seed=0)), path)                        # made before --flaw_plan existed
-    a = dict(seed=0, flaw_plan="target", resume=True, reuse="", out=str(tmp_path))
-    assert runs.saved_rollouts(str(path), a, ("seed", "flaw_plan"), "irg.py", added=dict(flaw_plan="target"))["args"] == dict(seed=0)
-    with pytest.raises(ValueError, match=r"--resume .*made with --flaw_plan target, this run has --flaw_plan drawn.*new --out"):
-        runs.saved_rollouts(str(path), dict(a, flaw_plan="drawn"), ("seed", "flaw_plan"), "irg.py", added=dict(flaw_plan="target"))
-    with pytest.raises(ValueError, match=r"made with --flaw_plan None"):                 # without added: a clear refusal
-        runs.saved_rollouts(str(path), a, ("seed", "flaw_plan"), "irg.py")

@@ -1,8 +1,8 @@
-# session 10, one device call (issue 14): two continuations of data/base (v3) trained side by side on one GPU,
-# the same data stream (seed 11) except that arm A's reflect samples show the model's own drawings as image1
-# (--own_reflect 0.5), then the IRG eval of v3, A and B on the GPU (all 600 eval prompts, seeds 0-1).
-# Another pair of arms from another start, e.g. the next lease's --reflect_replan test from v4:
-#   INIT=data/base_v4 ARM_A="--own_reflect 0.5 --reflect_replan 0.5" ARM_B="--own_reflect 0.5" bash docs/device_s10.sh
+# The H200 run that made the shipped base (data/base, v4), one device call: two continuations of v3
+# trained side by side on one GPU, the same data stream (seed 11) except that arm A's reflect samples
+# show the model's own drawings as image1 (--own_reflect 0.5), then the IRG eval of the start, A and B
+# on the GPU (all 600 eval prompts, seeds 0-1). Arm A is data/base; its log is data/curves/v4_h200.jsonl.
+# Another pair of arms from another start: INIT=data/base ARM_A="..." ARM_B="..." bash docs/pretrain_h200.sh
 set -o pipefail
 export PYTHONUNBUFFERED=1 OMP_NUM_THREADS=1
 nvidia-smi -L; python3 -c "import torch, triton; print(torch.__version__, triton.__version__, torch.cuda.get_device_name())"
@@ -18,7 +18,7 @@ wait
 for r in A B; do mkdir -p $OUT/$r; cp runs/g$r/ckpt.safetensors runs/g$r/ckpt.json $OUT/$r/; done
 tar czf $OUT/metrics.tgz runs/gA/metrics.jsonl runs/gB/metrics.jsonl
 tail -n 3 $OUT/A.log $OUT/B.log
-E="--modes irg --und 0 --n ${EVAL_N:-50} --k 1 --batch 600 --irg_cfg_text2 2 --irg_cfg_img 1 --irg_fresh2 1 --irg_best2 1"
+E="--modes irg --und 0 --n ${EVAL_N:-50} --k 1 --batch 600 --irg_cfg_text2 2 --irg_cfg_img 1 --irg_best2 1"
 ev() {   # ev NAME ARGS...: one evaluate.py run under the deadline, its headline numbers printed
   [ $SECONDS -gt ${DEADLINE:-480} ] && return        # leave time for the files to come back
   timeout 60 python3 evaluate.py "${@:2}" --out runs/ev/$1 > runs/ev_$1.log 2>&1 || echo "eval $1 failed: $(tail -n 2 runs/ev_$1.log)"
