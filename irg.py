@@ -16,7 +16,7 @@ IRGL's records, from the world, on training prompts of pre-training's image tags
 knowledge noun, no count of 5-6): initial (P, T1 = a scene's plan, its render) and improving (P, T1,
 image1, T2, image2): self (image1 the base drew, judged by the verifier: right -> T2 "the image is
 correct", image2 = image1; wrong -> T2 = world.reflection_text, image2 = the nearest render), flaw
-(image1 = world.negative) and edit (image1 = image2's scene with one constraint broken, edit_flaw).
+(image1 = world.negative) and edit (image1 = image2's scene with one constraint broken, world.edit_flaw).
 The six learning modes (upstream SFT/data/configs/train_toy_dataset_stage{1,2}.yaml; T1 / T2 include
 their </think> <vs>; image1 is context, never a target; a self record's T1 is context only):
   | mode                   | sequence                                   | CE on        | MSE on | stage 1 | stage 2 |
@@ -101,38 +101,6 @@ def nearest_render(spec, img, rng, n):
     return best[1], best[2]
 
 
-def edit_flaw(spec, scene, rng):
-    """A one-constraint flaw made by editing the target scene itself (the kinds of world.negative
-    that leave the layout in place: wrong colour, shape swap, swapped colours, missing object), so
-    that image1 and image2 differ in that one thing only: the "keep what is right" of IRG, exactly.
-    Returns (the flawed image, its scene), or None when no edit gives a flaw the verifier sees."""
-    boxed = ("square", "circle", "triangle", "cross")            # the shapes that fill the same square box
-    for _ in range(20):
-        bad = [dict(o) for o in scene]
-        k = int(rng.integers(len(bad)))
-        o = bad[k]
-        kind = ["wrong color", "shape swap", "swapped colors", "missing object"][int(rng.integers(4))]
-        if kind == "wrong color":
-            o["color"] = world._pick(rng, [c for c in world._colors_for(o["shape"], "train") if c != o["color"]]
-                                     if o["shape"] != "number" else [c for c in world.COLORS if c != o["color"]])
-        elif kind == "shape swap" and o["shape"] in boxed:
-            o["shape"] = world._pick(rng, [x for x in boxed if x != o["shape"] and o["color"] in world._colors_for(x, "train")])
-        elif kind == "swapped colors" and len(bad) > 1:
-            j = int(rng.integers(len(bad)))
-            o["color"], bad[j]["color"] = bad[j]["color"], o["color"]
-        elif kind == "missing object":
-            del bad[k]
-        else:
-            continue
-        if world._has_held_triple(bad) or any(b["shape"] != "number" and b["color"] not in world._colors_for(b["shape"], "train")
-                                              for b in bad):
-            continue
-        img = world.draw(bad)
-        if not world.verify(spec, img)["correct"]:
-            return img, bad
-    return None
-
-
 def train_specs(a):
     """Training prompts: world.candidates (never an eval prompt) of pre-training's image tags, no
     held-out composition (those are for the eval, as in pre-training)."""
@@ -160,7 +128,7 @@ def build_irgl(model, ae, specs, a, device, log):
                                   t2=enc(world.reflection_text(s, v, scene)) + end, img2=fix, source="flaw", right1=False))
         for _ in range(a["n_edit"]):
             fix, scene = world.render(s, rng, holdout="train")
-            edit = edit_flaw(s, scene, rng)
+            edit = world.edit_flaw(s, scene, rng)
             if edit is not None:
                 improving.append(dict(spec=s, t1=enc(world.plan_text(scene)) + end, t1_loss=True, img1=edit[0],
                                       t2=enc(world.reflection_text(s, edit[0], scene)) + end, img2=fix, source="edit",

@@ -836,8 +836,18 @@ def irg_generate(model, ae, prompts, s, palette, generator=None):
     t2, _ = decode_text(model, cache, logits, {VS, EOS}, s["max_think"], s["temperature"], generator)
     sw2 = force_switch(model, cache, t2)
     append_text(model, text_unc, torch.full((B, 1), VS, device=dev))
-    # step 5: image2, Euler from t = 1 (noise) to 0 with the three fields combined
-    c = model.c
+    x = draw_second(model, cache, text_unc, prompts, t1, t2, s, generator)
+    img2 = ae.decode(x, palette)
+    return dict(think1=t1, think2=t2, switched1=sw1, switched2=sw2, z1=z1, z2=x,
+                img1=img1.cpu().numpy(), img2=img2.cpu().numpy(), p_ok=None if p_ok is None else p_ok.cpu().numpy())
+
+
+@torch.no_grad()
+def draw_second(model, cache, text_unc, prompts, t1, t2, s, generator=None):
+    """Step 5: image2's latents, Euler from t = 1 (noise) to 0 with three fields per step: cond (cache,
+    through think2 and its <vs>), text-uncond (text_unc, through image1 then <ve> <vs>) and img-uncond
+    (all the text, no image), combined as BAGEL does (cfg_combine)."""
+    dev, c, B = cache.pos.device, model.c, len(prompts)
     x = torch.randn(B, c.n_img, c.latent_ch, device=dev, generator=generator)
     # the img-uncond context: all the text, no image (image1 dropped with its <vs> ... <ve>)
     img_unc, _ = prefill(model, [img_uncond_ids(p, a, b) for p, a, b in zip(prompts, t1, t2)], dev)
@@ -850,9 +860,26 @@ def irg_generate(model, ae, prompts, s, palette, generator=None):
         if guided and t >= s.get("cfg_lo2", 0.0):
             v = cfg_combine(v, noise_velocity(model, text_unc, x, t), noise_velocity(model, img_unc, x, t), ct2, s["cfg_img"])
         x = x - v * dt                                            # v = eps - x0: step toward the data
-    img2 = ae.decode(x, palette)
-    return dict(think1=t1, think2=t2, switched1=sw1, switched2=sw2, z1=z1, z2=x,
-                img1=img1.cpu().numpy(), img2=img2.cpu().numpy(), p_ok=None if p_ok is None else p_ok.cpu().numpy())
+    return x
+
+
+@torch.no_grad()
+def second_given(model, ae, prompts, t1, img1, t2, s, palette, generator=None):
+    """image2 for a given think1, image1 (pixels) and think2 (id lists; a missing closing <vs> is
+    added, as a forced switch), teacher-forced into the contexts irg_generate samples them in: what the
+    drawer does with a given reflection (evaluate.edit_eval). Returns image2's pixels (uint8 numpy)."""
+    dev, B = next(model.parameters()).device, len(prompts)
+    t1, t2 = ([list(t) + ([] if t and t[-1] == VS else [VS]) for t in ts] for ts in (t1, t2))
+    cache, _ = prefill(model, [[BOS] + list(p) + [THINK] + t for p, t in zip(prompts, t1)], dev)
+    append_image(model, cache, ae.encode(torch.as_tensor(np.asarray(img1), device=dev)))
+    append_text(model, cache, torch.full((B, 1), VE, device=dev))
+    text_unc = fork(cache)
+    append_text(model, text_unc, torch.full((B, 1), VS, device=dev))
+    append_text(model, cache, torch.full((B, 1), THINK, device=dev))
+    for j in range(max(len(x) for x in t2)):      # ragged think2s, one column at a time as decode_text writes them
+        live = torch.tensor([len(x) > j for x in t2], device=dev)
+        append_text(model, cache, torch.tensor([[x[j] if len(x) > j else PAD] for x in t2], device=dev), live)
+    return ae.decode(draw_second(model, cache, text_unc, prompts, t1, t2, s, generator), palette).cpu().numpy()
 
 
 @torch.no_grad()

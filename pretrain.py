@@ -22,6 +22,10 @@ Task mixture (design section 3). Each sample is a list of segments for model.pac
   judge     ... [clean] ... global judge prompt  score : g <eos>        (SRUM table 7 format)
   region    ... [clean] ... region judge prompt  score : s_i <eos>      (SRUM table 8 format)
   reflect   <bos> prompt <think> plan </think> <vs> [clean flawed] <ve> <think> fix </think> <vs> [noise fixed]
+  edit      as reflect, image2 = image1 kept (right) or with its one flaw undone in place (wrong); think2
+            names what and where ("the color is wrong at the top left . redraw : ...")
+  redraw    <bos> <think> caption </think> <|vision_start|> [noise image]   (Unified-GRPO's redraw context;
+            half of the captions detailed, with each object's centre in pixels: world.caption(detail=True))
   fact      <bos> a tomato is a red circle . <eos>                      (text only: knowledge)
 --own_n N: before training, the starting model draws N think-mode images of training prompts
 (evaluate.py's sampler; saved as OUT/own.npz, reused on --resume); then a share --own_frac of
@@ -33,6 +37,8 @@ verifier's reflection on it (IRG: the critic in think2 learns on the model's own
 IRG's inference reflects on; otherwise image1 is a render or a render's negative).
 Images of knowledge prompts and of counts 5-6 never appear (held out to test transfer), nor
 do held-out (colour, shape) pairs or (shape, relation, shape) triples, nor eval prompts.
+--caption_detail F: a share F of the caption samples writes the detailed form, so a caption sampled at
+T = 1 sometimes carries the detail a decoder can use (Unified-GRPO's room to grow).
 --und_transfer: the vqa / judge / region samples draw their prompts from all twelve tags, so the
 understanding side sees knowledge nouns and counts 5-6 (the judge can then read them); t2i, think
 and reflect still never draw them, so generation's transfer test stays a test.
@@ -60,15 +66,17 @@ defaults = dict(
     depth=8, batch=128, steps=20000, lr=3e-4, warmup=300, cooldown=0.2, wd=0.0, clip=1.0,
     ema=0.999, t_shift=1.0, cfg_drop=0.1, dtype="bf16", workers=2, seed=0, row_len=160, mix="",
     log_every=50, ckpt_every=1000, eval_every=0, eval_n=8, minutes=0.0, max_minutes=0.0, stop_after=0, dump_grads="",
-    own_n=0, own_frac=0.5, own_batch=256, own_reflect=0.0, und_transfer=False,
+    own_n=0, own_frac=0.5, own_batch=256, own_reflect=0.0, und_transfer=False, caption_detail=0.0,
     ae_init="", ae_steps=3000, ae_minutes=0.0, ae_batch=32, ae_width=16, ae_lr=2e-3, ae_noise=0.2,
 )
 choices = dict(stage=("ae", "umm"), dtype=("fp32", "bf16"))
 ranges = dict(depth=">= 1", batch=">= 1", steps=">= 1", lr="> 0", warmup=">= 1", cooldown="0..1", wd=">= 0", clip="> 0",
               ema="0..1", t_shift="> 0", cfg_drop="0..1", workers=">= 0", log_every=">= 1", ckpt_every=">= 1",
               eval_every=">= 0", eval_n=">= 1", minutes=">= 0", max_minutes=">= 0", stop_after=">= 0", ae_steps=">= 1",
-              own_n=">= 0", own_frac="0..1", own_reflect="0..1", own_batch=">= 1", ae_minutes=">= 0", ae_batch=">= 1", ae_width=">= 8", ae_lr="> 0", ae_noise=">= 0")
-MIX = dict(t2i=0.24, think=0.2, caption=0.1, vqa=0.16, judge=0.07, region=0.07, reflect=0.1, fact=0.06)
+              own_n=">= 0", own_frac="0..1", own_reflect="0..1", caption_detail="0..1", own_batch=">= 1", ae_minutes=">= 0", ae_batch=">= 1", ae_width=">= 8", ae_lr="> 0", ae_noise=">= 0")
+MIX = dict(t2i=0.24, think=0.2, caption=0.1, vqa=0.16, judge=0.07, region=0.07, reflect=0.1, fact=0.06,
+           edit=0.0, redraw=0.0)     # weight 0: the default stream is the one the shipped base trained on
+REDRAW_DETAIL = 0.5                  # the share of redraw samples whose caption is the detailed form
 
 
 # flags of the machine and of the launch, free to change when a run is continued; every other flag
@@ -131,7 +139,7 @@ def train_spec(rng, banned, tags=IMAGE_TAGS):
             return spec
 
 
-def make_sample(task, rng, banned, own=None, und_transfer=False):
+def make_sample(task, rng, banned, own=None, und_transfer=False, caption_detail=0.0):
     """One sample as segments; images are still uint8 arrays ("img_clean"/"img_noise").
     own: the pool of the model's own images (dict specs, images, frac, reflect) or None.
     und_transfer: vqa / judge / region also ask about images of the two transfer tags (knowledge
@@ -142,9 +150,14 @@ def make_sample(task, rng, banned, own=None, und_transfer=False):
         return [("text", [M.BOS] + enc(world.fact_text(noun)) + [M.EOS], 1.0)]
     if task == "caption":
         scene = world.random_scene(rng, holdout="train")
+        detail = caption_detail > 0 and rng.random() < caption_detail
         return [("text", [M.BOS, M.VS], 0), ("img_clean", world.draw(scene)),
                 ("text", [M.VE] + enc("give the layout of the image ."), 0),
-                ("text", enc(world.caption(scene)) + [M.EOS], 1.0)]
+                ("text", enc(world.caption(scene, detail)) + [M.EOS], 1.0)]
+    if task == "redraw":        # a caption drawn as Unified-GRPO's frozen decoder reads it (evaluate.redraw)
+        scene = world.random_scene(rng, holdout="train")
+        cap = world.caption(scene, rng.random() < REDRAW_DETAIL)
+        return [("text", [M.BOS, M.THINK] + enc(cap) + [M.END_THINK, M.VS], 0), ("img_noise", world.draw(scene))]
     und = task in ("vqa", "judge", "region")
     spec = train_spec(rng, banned, world.TAGS if und and und_transfer else IMAGE_TAGS)
     if task in ("t2i", "think"):
@@ -188,17 +201,46 @@ def make_sample(task, rng, banned, own=None, und_transfer=False):
         t1 = enc(world.plan_text(scene)) + [M.END_THINK, M.VS]
         return [("text", [M.BOS] + enc(spec["prompt"]) + [M.THINK], 0), ("text", t1, 1.0), ("img_clean", flawed),
                 ("text", [M.VE, M.THINK], 0), ("text", enc(fix) + [M.END_THINK, M.VS], 1.0), ("img_noise", target)]
+    if task == "edit":
+        return edit_sample(spec, rng, own)
     raise ValueError(task)
 
 
-def make_batch(seed, step, lo, hi, banned, cfg_drop, t_shift, C, row_len=None, mix=None, own=None, und_transfer=False):
+def edit_sample(spec, rng, own):
+    """IRG's edit in place: image2 copies image1 and changes only its flaw. A right image1 (a render, or
+    with --own_reflect one of the model's own right drawings) is kept as it is, think2 "the image is
+    correct . redraw : <its layout>"; a wrong one is the target scene with one constraint broken in
+    place (world.edit_flaw), image2 the target, think2 the problem and its 3x3 cell, then the plan."""
+    if own is not None and own.get("reflect", 0) > 0 and rng.random() < own["reflect"]:
+        j = int(rng.integers(len(own["specs"])))
+        v = world.verify(own["specs"][j], own["images"][j])
+        if v["correct"]:
+            spec, img1, scene = own["specs"][j], own["images"][j], v["objects"]
+            return edit_segments(spec, scene, img1, world.reflection_text(spec, v, scene), img1)
+    img2, scene = world.render(spec, rng, holdout="train")
+    edit = world.edit_flaw(spec, scene, rng) if rng.random() < 2 / 3 else None
+    if edit is None:                                    # kept: image2 is image1, to the pixel
+        return edit_segments(spec, scene, img2, world.reflection_text(spec, world.verify(spec, img2), scene), img2)
+    img1, _, edited = edit
+    return edit_segments(spec, scene, img1, world.reflection_text(spec, img1, scene, where=edited["box"]), img2)
+
+
+def edit_segments(spec, scene, img1, think2, img2):
+    enc = world.encode
+    return [("text", [M.BOS] + enc(spec["prompt"]) + [M.THINK], 0), ("text", enc(world.plan_text(scene)) + [M.END_THINK, M.VS], 1.0),
+            ("img_clean", img1), ("text", [M.VE, M.THINK], 0), ("text", enc(think2) + [M.END_THINK, M.VS], 1.0),
+            ("img_noise", img2)]
+
+
+def make_batch(seed, step, lo, hi, banned, cfg_drop, t_shift, C, row_len=None, mix=None, own=None, und_transfer=False,
+               caption_detail=0.0):
     """Samples lo..hi of the global batch of `step`, packed (on a CPU worker) into rows of
     row_len tokens holding many samples each (None: one sample per row). Each sample has
     its own RNG seeded by (seed, step, index), so the global batch is the same for any number
     of processes and a resumed run sees exactly the data an uninterrupted one would.
     Images stay uint8 (encoded on the device); per noise image this draws
         t = shift(sigmoid(randn)),  t -> s*t / (1 + (s-1)*t)     and   eps ~ N(0, I)
-    CFG dropout: with prob cfg_drop a t2i sample keeps only <bos> <|vision_start|>."""
+    CFG dropout: with prob cfg_drop a t2i or redraw sample keeps only <bos> <|vision_start|>."""
     mix = mix or MIX
     tasks, probs = list(mix), np.array(list(mix.values()))
     samples, images, eps, noise_slots, names = [], [], [], [], []
@@ -206,7 +248,7 @@ def make_batch(seed, step, lo, hi, banned, cfg_drop, t_shift, C, row_len=None, m
         rng = np.random.default_rng([seed, step, i])
         task = tasks[rng.choice(len(tasks), p=probs / probs.sum())]
         segs = []
-        for seg in make_sample(task, rng, banned, own, und_transfer):
+        for seg in make_sample(task, rng, banned, own, und_transfer, caption_detail):
             if seg[0].startswith("img"):
                 images.append(seg[1])
                 if seg[0] == "img_clean":
@@ -214,7 +256,7 @@ def make_batch(seed, step, lo, hi, banned, cfg_drop, t_shift, C, row_len=None, m
                     continue
                 t = float(1 / (1 + np.exp(-rng.standard_normal())))
                 t = t_shift * t / (1 + (t_shift - 1) * t)
-                if task == "t2i" and rng.random() < cfg_drop:
+                if task in ("t2i", "redraw") and rng.random() < cfg_drop:
                     segs = [("text", [M.BOS, M.VS], 0)]       # unconditional: the text is dropped
                 segs.append(("noise", len(images) - 1, t))
                 eps.append(torch.from_numpy(rng.standard_normal((M.N_IMG, C)).astype(np.float32)))
@@ -251,7 +293,8 @@ class Stream(torch.utils.data.IterableDataset):
         step = self.start + k
         while True:
             yield make_batch(self.a["seed"], step, self.lo, self.hi, banned, self.a["cfg_drop"], self.a["t_shift"], self.C,
-                             self.a["row_len"] or None, mix, self.own, self.a["und_transfer"])
+                             self.a["row_len"] or None, mix, self.own, self.a["und_transfer"],
+                             self.a["caption_detail"])
             step += n
 
 

@@ -33,6 +33,8 @@ image encoder f (CLIP there):
 
     scene_f1         the exact check: F1 between the objects world.detect finds in x and in x_hat,
                      matched on (shape, colour, size, 3x3 grid cell, digits) -- the gold reward
+    matched_iou      where each object went: the detected objects matched on (shape, colour, size,
+                     digits) by box IoU, mean IoU over the larger count (the detail scene_f1 cannot see)
     UndCosine(m, ae) the offline encoder: cos of the frozen base's understanding state of each image
                      (see the class for why this feature), no downloads, no extra training
     CLIPCosine(path) cos of CLIP image embeddings from a real CLIP read from a LOCAL folder
@@ -273,6 +275,39 @@ def scene_f1(src_images, rec_images):
         ka, kb = Counter(map(world.caption_key, world.detect(a))), Counter(map(world.caption_key, world.detect(b)))
         n = sum(ka.values()) + sum(kb.values())
         out.append(2 * sum((ka & kb).values()) / n if n else 1.0)
+    return np.array(out, np.float32)
+
+
+def box_iou(a, b):
+    """IoU of two (x0, y0, x1, y1) boxes (x1, y1 exclusive)."""
+    w = min(a[2], b[2]) - max(a[0], b[0])
+    h = min(a[3], b[3]) - max(a[1], b[1])
+    inter = max(0, w) * max(0, h)
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+    return inter / union if union > 0 else 0.0
+
+
+def matched_iou(src_images, rec_images):
+    """Where the redraw put each object, which scene_f1 (keyed by 3x3 cell) cannot see: the objects
+    world.detect finds in x and in x_hat are matched within the same (shape, colour, size, digits),
+    greedily by box IoU, and the score is the sum of the matched IoUs over the larger object count
+    (a missing or an extra object counts 0). 1 only when every object is redrawn in its exact box;
+    two empty canvases match (1.0)."""
+    src, rec = as_images(src_images, len(src_images)), as_images(rec_images, len(src_images))
+    key = lambda o: (o["shape"], o["color"], o.get("size"), o.get("text"))  # noqa: E731
+    out = []
+    for a, b in zip(src, rec):
+        oa, ob = world.detect(a), world.detect(b)
+        if not oa and not ob:
+            out.append(1.0)
+            continue
+        pairs = sorted(((box_iou(x["box"], y["box"]), i, j) for i, x in enumerate(oa) for j, y in enumerate(ob)
+                        if key(x) == key(y)), reverse=True)
+        used_a, used_b, total = set(), set(), 0.0
+        for iou, i, j in pairs:
+            if iou > 0 and i not in used_a and j not in used_b:
+                used_a.add(i); used_b.add(j); total += iou
+        out.append(total / max(len(oa), len(ob)))
     return np.array(out, np.float32)
 
 

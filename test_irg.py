@@ -350,3 +350,16 @@ def test_plan_split_by_hand():
     q = evaluate.plan_split(ok1, ok2, np.array([], bool), pl1, pl2, np.array([], bool))
     assert q["wrong_plan"]["fix_fresh"] is None and q["wrong_plan"]["fresh_plan_right"] is None
 
+
+
+def test_second_given_equals_irg_generates_own_image2():
+    """model.second_given teacher-forces think1, image1 and think2 into the contexts irg_generate samples
+    them in: given irg_generate's own three (greedy text), it draws the same image2 from the same noise."""
+    m, ae = tiny_pair()
+    prompts = [world.encode("a photo of a red circle"), world.encode("a photo of two blue squares and a cross")]
+    s = dict(temperature=0.0, max_think=5, sample_steps=3, cfg_text=4.0, cfg_text2=2.0, cfg_img=2.0, cfg_lo1=0.4, shift=3.0)
+    out = irg.irg_generate(m, ae, prompts, s, world.PALETTE, torch.Generator().manual_seed(0))
+    g = torch.Generator().manual_seed(0)
+    torch.randn(2, 16, 32, generator=g)                  # image1's noise: greedy text draws nothing else
+    img2 = M.second_given(m, ae, prompts, out["think1"], out["img1"], out["think2"], s, world.PALETTE, g)
+    assert np.array_equal(img2, out["img2"])

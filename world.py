@@ -759,16 +759,19 @@ def _cell(box):
     cx, cy = (box[0] + box[2]) / 2, (box[1] + box[3]) / 2
     return min(2, int(cy * 3 / W)), min(2, int(cx * 3 / W)), cy, cx
 
-def caption(scene):
+def caption(scene, detail=False):
     """Complete enough to redraw: every object's size, colour, shape and 3x3 cell, in
-    reading order (cell row, cell column, then exact centre)."""
+    reading order (cell row, cell column, then exact centre). detail: each chunk also ends
+    with the object's centre in pixels, "x y" (0-63, rounded): what a decoder can use to
+    place it exactly and the short form leaves out (Unified-GRPO's richer caption)."""
     parts = []
     for o in sorted(scene, key=lambda o: _cell(o["box"])):
-        r, c, _, _ = _cell(o["box"])
+        r, c, cy, cx = _cell(o["box"])
+        at = f"at the {GRID[r][c]}" + (f" {int(cx + 0.5)} {int(cy + 0.5)}" if detail else "")
         if o["shape"] == "number":
-            parts.append(f"the number {o['text']} in {o['color']} at the {GRID[r][c]}")
+            parts.append(f"the number {o['text']} in {o['color']} {at}")
         else:
-            parts.append(f"a {o['size']} {o['color']} {o['shape']} at the {GRID[r][c]}")
+            parts.append(f"a {o['size']} {o['color']} {o['shape']} {at}")
     return " , ".join(parts) + " ."
 
 plan_text = caption
@@ -776,11 +779,15 @@ plan_text = caption
 _POS_NAMES = {p for row in GRID for p in row}
 
 def parse_caption(text):
-    """Best-effort inverse of caption(): list of {shape, color, size, pos, text} for every
-    chunk that parses (malformed chunks are skipped), or None if none does."""
+    """Best-effort inverse of caption(): list of {shape, color, size, pos, text, centre} for every
+    chunk that parses (malformed chunks are skipped), or None if none does. centre: the detailed
+    form's (x, y) in pixels, None for a short chunk."""
     out = []
     for chunk in text.strip().rstrip(".").split(","):
         t = chunk.split()
+        centre = None
+        if len(t) > 2 and t[-1].isdigit() and t[-2].isdigit():      # the detailed form: "... at the top 31 9"
+            centre, t = (int(t[-2]), int(t[-1])), t[:-2]
         if len(t) >= 7 and t[:2] == ["the", "number"] and t[3] == "in" and t[5:7] == ["at", "the"]:
             o = {"shape": "number", "color": t[4], "size": None, "pos": " ".join(t[7:]), "text": t[2]}
         elif len(t) >= 6 and t[0] == "a" and t[4:6] == ["at", "the"]:
@@ -789,7 +796,7 @@ def parse_caption(text):
             continue
         if o["color"] in COLORS and o["pos"] in _POS_NAMES and (
                 o["shape"] == "number" and o["text"].isdigit() or o["shape"] in SHAPES and o["size"] in SIZES):
-            out.append(o)
+            out.append(dict(o, centre=centre))
     return out or None
 
 def caption_key(o):
@@ -873,13 +880,49 @@ def plan_verdict(spec, text):
                 o["box"] = (x0 + sx, y0 + sy, x1 + sx, y1 + sy)
     return verify_objects(spec, objs)
 
+def edit_flaw(spec, scene, rng):
+    """A one-constraint flaw made by editing the target scene itself (the kinds of world.negative
+    that leave the layout in place: wrong colour, shape swap, swapped colours, missing object), so
+    that image1 and image2 differ in that one thing only: the "keep what is right" of IRG, exactly.
+    Returns (the flawed image, its scene, the object edited as it was in scene), or None when no
+    edit gives a flaw the verifier sees."""
+    boxed = ("square", "circle", "triangle", "cross")            # the shapes that fill the same square box
+    for _ in range(20):
+        bad = [dict(o) for o in scene]
+        k = int(rng.integers(len(bad)))
+        o = bad[k]
+        kind = ["wrong color", "shape swap", "swapped colors", "missing object"][int(rng.integers(4))]
+        if kind == "wrong color":
+            o["color"] = _pick(rng, [c for c in _colors_for(o["shape"], "train") if c != o["color"]]
+                               if o["shape"] != "number" else [c for c in COLORS if c != o["color"]])
+        elif kind == "shape swap" and o["shape"] in boxed:
+            o["shape"] = _pick(rng, [x for x in boxed if x != o["shape"] and o["color"] in _colors_for(x, "train")])
+        elif kind == "swapped colors" and len(bad) > 1:
+            j = int(rng.integers(len(bad)))
+            o["color"], bad[j]["color"] = bad[j]["color"], o["color"]
+        elif kind == "missing object":
+            del bad[k]
+        else:
+            continue
+        if _has_held_triple(bad) or any(b["shape"] != "number" and b["color"] not in _colors_for(b["shape"], "train")
+                                        for b in bad):
+            continue
+        img = draw(bad)
+        if not verify(spec, img)["correct"]:
+            return img, bad, scene[k]
+    return None
+
+
 REDRAW = "redraw :"     # think2's words before its plan (model.redraw_plan reads the plan after them)
 
 
-def reflection_text(spec, img_or_verdict, target_scene):
-    """IRG's reflection (think2): what is wrong, then the plan to redraw."""
+def reflection_text(spec, img_or_verdict, target_scene, where=None):
+    """IRG's reflection (think2): what is wrong, then the plan to redraw. where: the box of the one
+    object an in-place edit changes; the reflection then also names its 3x3 cell ("the color is
+    wrong at the top left . redraw : ..."), so image2 can copy image1 and change only that place."""
     v = img_or_verdict if isinstance(img_or_verdict, dict) else verify(spec, img_or_verdict)
-    return f"{v['problem']} . {REDRAW} {caption(target_scene)}"
+    at = "" if where is None or v["correct"] else " at the " + GRID[_cell(where)[0]][_cell(where)[1]]
+    return f"{v['problem']}{at} . {REDRAW} {caption(target_scene)}"
 
 # -----------------------------------------------------------------------------
 # prompt files
