@@ -127,15 +127,76 @@ class Progress:
             self.last = now
 
 
-def claim_run_dir(out, resume, overwrite, script):
+# what a run folder holds that a later call reads back as the run's own (--resume, --report, the IRG
+# stage evals, pretrain's own pool): replacing the run (--overwrite) removes all of it first, the
+# summary and config.json before the rest, so a replacement killed at any point leaves nothing of the
+# old run that a --resume or --report would take for the new one's
+RUN_FILES = ("summary.json", "summary.md", "config.json", "metrics.jsonl", "state.pt", "*.rank*.pt", "start.pt",
+             "own.npz", "ckpt.safetensors", "ckpt.json", "*.tmp", "*.png")
+RUN_EVALS = ("before", "after", "after_base_decoder", "base_irg", "stage1_irg", "stage2_irg")
+
+
+def run_files(out):
+    """The files and eval folders of the run in `out` that --overwrite removes (RUN_FILES, RUN_EVALS)."""
+    import glob
+    files = [f for pat in RUN_FILES for f in sorted(glob.glob(os.path.join(glob.escape(out), pat)))]
+    return list(dict.fromkeys(files)), [d for d in (os.path.join(out, e) for e in RUN_EVALS) if os.path.isdir(d)]
+
+
+def claim_run_dir(out, resume, overwrite, script, inputs=(), fix=None):
     """A run folder that already holds a run is written into only when told: --resume continues
-    it, --overwrite starts again there. Anything else raises before any work starts."""
+    it, --overwrite starts again there, after removing the old run (run_files). Anything else raises
+    before any work starts. inputs: checkpoints this call reads (an --overwrite that would remove one
+    is refused); fix: the way out to name instead of --resume / --overwrite (evaluate.py offers neither)."""
     held = [f for f in ("config.json", "metrics.jsonl", "state.pt", "ckpt.json") if os.path.exists(os.path.join(out, f))]
     if dist.is_initialized():
         dist.barrier()          # every rank has looked before rank 0 writes its config: all agree
     if held and not (resume or overwrite):
-        raise FileExistsError(f"{out} already holds a run ({', '.join(held)}); continue it with --resume, start "
-                              f"it again with --overwrite, or pass another --out ({script})")
+        raise FileExistsError(f"{out} already holds a run ({', '.join(held)}); " + (fix or
+                              "continue it with --resume, start it again with --overwrite, or pass another --out")
+                              + f" ({script})")
+    if held and overwrite and not resume:
+        files, evals = run_files(out)
+        gone = {os.path.abspath(f) for f in files}
+        for p in inputs:
+            if p and {os.path.abspath(p + e) for e in (".json", ".safetensors")} & gone:
+                raise ValueError(f"--overwrite {out} would remove {p}, which this call reads; copy it elsewhere "
+                                 f"first or pass another --out ({script})")
+        if not dist.is_initialized() or dist.get_rank() == 0:
+            import shutil
+            for f in files:
+                os.remove(f)
+            for d in evals:
+                shutil.rmtree(d)
+        if dist.is_initialized():
+            dist.barrier()      # the old run is gone on every rank before any rank writes the new one
+
+
+def check_model_dir(path, flag, what, needs=()):
+    """A local Hugging Face model folder given by `flag`, checked before any work: it exists and
+    holds config.json, its weights and `needs` (file names; a tuple: any one of them), so an empty or
+    half-copied folder fails in a second, not minutes later inside the library."""
+    if not path or not os.path.isdir(path):
+        raise FileNotFoundError(f"{flag} {path!r}: no such folder; pass a local {what} folder (nothing is downloaded "
+                                f"here: copy one, e.g. with `huggingface-cli download ... --local-dir DIR`)")
+    names = set(os.listdir(path))
+    alts = [n if isinstance(n, tuple) else (n,) for n in ("config.json",) + tuple(needs)]
+    missing = [" or ".join(n) for n in alts if not names & set(n)]
+    if not any(n.endswith((".safetensors", ".bin", ".index.json")) for n in names):
+        missing.append("its weights (*.safetensors or *.bin)")
+    if missing:
+        raise FileNotFoundError(f"{flag} {path}: the {what} folder lacks {', '.join(missing)}; copy the whole "
+                                f"model folder there")
+
+
+def refuse_ignored(a, defaults, when, flags):
+    """Refuse flags that the chosen variant does not read when they are set: config.json records every
+    flag, so a run would be listed (and --report labelled) as if it had used them."""
+    set_ = [k for k in flags if a[k] != defaults[k]]
+    if set_:
+        raise ValueError(f"{when} does not use " + ", ".join(f"--{k} {a[k]}" for k in set_) +
+                         f": drop {'it' if len(set_) == 1 else 'them'} (the run would record "
+                         f"{'it' if len(set_) == 1 else 'them'} as if used)")
 
 
 def ddp(model, local, device):
@@ -187,10 +248,12 @@ def _strict_bool(s):
 
 
 def _in_range(v, spec):
-    """spec: "> a", ">= a", "a..b" (inclusive)."""
+    """spec: "> a", ">= a", "a..b" (inclusive), "a..<b" (b excluded: where b itself trains nothing)."""
     if ".." in spec:
-        lo, hi = (float(x) for x in spec.split(".."))
-        return lo <= v <= hi
+        lo, hi = spec.split("..")
+        if hi.startswith("<"):
+            return float(lo) <= v < float(hi[1:])
+        return float(lo) <= v <= float(hi)
     op, x = spec.split()
     return v > float(x) if op == ">" else v >= float(x)
 
@@ -199,7 +262,7 @@ def parse_args(defaults, argv=None, doc="", choices=None, ranges=None):
     """Typed overrides for a plain dict of defaults, every flag checked before any work starts.
         --key value          typed as the default (None -> str)
         --flag / --flag 0    booleans: 1/0/true/false/yes/no, nothing else
-        choices {key: (allowed, ...)}     ranges {key: "> 0" | ">= 1" | "0..1"}
+        choices {key: (allowed, ...)}     ranges {key: "> 0" | ">= 1" | "0..1" | "0..<1"}
     No prefix abbreviations (--lambda is not --lambda_c). Bad values raise ValueError naming the flag."""
     p = _Parser(description=doc, formatter_class=__import__("argparse").RawDescriptionHelpFormatter,
                 allow_abbrev=False)

@@ -9,6 +9,8 @@ GenEval-style evaluation of a nanoUMM checkpoint on the fixed eval set (data/eva
   python evaluate.py --modes irg             # IRG inference (paper 003): think1, image1, think2, image2
   python evaluate.py --auroc 20 --modes "" --und 0    # does the model's understanding judge its own images?
   python evaluate.py --captions 400 --modes "" --und 0 # greedy captions of fresh renders: exact and F1
+  python evaluate.py --detail 200 --modes "" --und 0   # redraws from short vs detailed captions (matched-box IoU)
+  python evaluate.py --edits 10 --modes "" --und 0     # image2 under a given reflection: kept pixels, fixed flaws
 
 Reports, per tag and overall:
   gen_think   fraction of images the exact verifier accepts, think mode (the model plans in
@@ -44,14 +46,15 @@ from common import parse_args, Progress
 defaults = dict(ckpt="data/base", eval="data/eval.jsonl", out="runs/eval", n=50, k=4, batch=96,
                 sample_steps=25, cfg=4.0, shift=3.0, temperature=0.7, max_think=64, seed=0,
                 modes="think,forced", und=True, grid_cols=8, irg_max_think=80, unified=0, unified_steps=10,
-                encoder="data/base", clip="", auroc=0, captions=0, irg_cfg_text2=4.0, irg_cfg_img=2.0, irg_best2=False)
+                encoder="data/base", clip="", auroc=0, captions=0, detail=0, edits=0, irg_cfg_text2=4.0, irg_cfg_img=2.0, irg_best2=False)
 # IRG inference (--modes irg), the upstream IRG eval script's settings (design.md section 4): --irg_max_think
 # (80, as irg.py) bounds each think; --irg_cfg_text2 / --irg_cfg_img: image2's guidance, as irg.py's --cfg_text2 /
 # --cfg_img; --irg_best2 1: the control, a second independent think1 + image1 per prompt, the critic's pick
 irg_defaults = dict(temperature=0.3, cfg_text=4.0, cfg_lo1=0.4)
 ranges = dict(n=">= 1", k=">= 1", batch=">= 1", sample_steps=">= 1", cfg=">= 0", shift="> 0", temperature=">= 0",
               max_think=">= 1", grid_cols=">= 1", irg_max_think=">= 1", unified=">= 0", unified_steps=">= 1",
-              auroc=">= 0", captions=">= 0", irg_cfg_text2=">= 0", irg_cfg_img=">= 0")
+              auroc=">= 0", captions=">= 0", detail=">= 0", edits=">= 0", irg_cfg_text2=">= 0",
+              irg_cfg_img=">= 0")
 
 
 @torch.no_grad()
@@ -439,6 +442,96 @@ def caption_eval(model, ae, n, device, seed=CAPTION_SEED, batch=128, log=print):
     return res
 
 
+DETAIL_SEED = 5551212                             # --detail / --edits: fresh scenes and prompts of their own
+IMAGE_TAGS = [t for t in world.TAGS if t not in ("knowledge", "counting_hard")]   # the tags pre-training draws
+
+
+@torch.no_grad()
+def detail_eval(model, ae, n, device, seed=DETAIL_SEED, batch=64, log=print):
+    """Can the decoder use detail the short caption leaves out? n fresh renders of random scenes, each
+    redrawn (redraw, Unified-GRPO's context, one shared noise per scene) from its short caption and from
+    its detailed one (world.caption(detail=True): every object's centre in pixels), scored by the
+    matched-box IoU and the exact scene F1 (rewards.matched_iou, scene_f1); and how much detail the
+    model's own captions carry: the share of caption chunks that end in a centre, sampled at T = 1 and
+    greedy (describe), with the greedy caption's exact match of the short form."""
+    import rewards as R
+    model.eval()
+    rng, g = np.random.default_rng(seed), torch.Generator(device).manual_seed(seed)
+    scenes = [world.random_scene(rng, holdout="train") for _ in range(n)]
+    src = np.stack([world.draw(sc) for sc in scenes])
+    rec, own = {False: [], True: []}, {0.0: [], 1.0: []}
+    for i in range(0, n, batch):
+        x1 = torch.randn(len(src[i:i + batch]), model.c.n_img, model.c.latent_ch, device=device, generator=g)
+        for detail in (False, True):
+            caps = [world.encode(world.caption(sc, detail)) for sc in scenes[i:i + batch]]
+            rec[detail] += list(redraw(model, ae, caps, generator=g, x1=x1))
+        for temp in own:
+            own[temp] += [world.decode(c) for c in describe(model, ae, src[i:i + batch], temp, 64, g)[0]]
+    detail_share = lambda texts: float(np.mean([o["centre"] is not None for t in texts for o in world.parse_caption(t) or []]))  # noqa: E731
+    res = dict(n=n, iou_short=float(R.matched_iou(src, rec[False]).mean()), iou_detailed=float(R.matched_iou(src, rec[True]).mean()),
+               f1_short=float(R.scene_f1(src, rec[False]).mean()), f1_detailed=float(R.scene_f1(src, rec[True]).mean()),
+               detail_share_t1=detail_share(own[1.0]), detail_share_greedy=detail_share(own[0.0]),
+               greedy_short_exact=float(np.mean([t == world.caption(sc) for t, sc in zip(own[0.0], scenes)])))
+    log(f"detail on {n} fresh scenes: redraw IoU from short captions {res['iou_short']:.3f}, from detailed ones "
+        f"{res['iou_detailed']:.3f} (scene F1 {res['f1_short']:.3f} / {res['f1_detailed']:.3f}); own captions' chunks "
+        f"with a centre: {res['detail_share_t1']:.3f} at T = 1, {res['detail_share_greedy']:.3f} greedy; greedy = the "
+        f"short caption {res['greedy_short_exact']:.3f}")
+    return res
+
+
+@torch.no_grad()
+def edit_eval(model, ae, n, s, device, seed=DETAIL_SEED, batch=64, log=print):
+    """Does image2 edit image1 in place? n fresh prompts per image tag, each rendered (image1 = image2's
+    target) and drawn by IRG's image2 sampler (s: irg_generate's settings) under a given reflection
+    (model.second_given): kept, a right image1 with think2 "the image is correct . redraw : <its plan>"
+    (the share of its pixels image2 changes); flawed, image1 = the render with one constraint broken in
+    place (world.edit_flaw) and think2 the verifier's reflection naming what and where (is image2 right,
+    and right with the rest kept: < 1% of the pixels outside the edited object's box changed); against a
+    fresh first image of the same prompt (model.draw_first, IRG's sampler)."""
+    model.eval()
+    rng, g = np.random.default_rng(seed + 1), torch.Generator(device).manual_seed(seed + 1)
+    enc, end = world.encode, [M.END_THINK, M.VS]
+    jobs = []                                   # (spec, think1, image1, think2, target, edited box or None)
+    for tag in IMAGE_TAGS:
+        for _ in range(n):
+            spec = world.sample_spec(tag, rng, holdout="train")
+            img, scene = world.render(spec, rng, holdout="train")
+            t1 = enc(world.plan_text(scene)) + end
+            jobs.append((spec, t1, img, enc(world.reflection_text(spec, world.verify(spec, img), scene)) + end, img, None))
+            e = world.edit_flaw(spec, scene, rng)
+            if e is not None:
+                jobs.append((spec, t1, e[0], enc(world.reflection_text(spec, e[0], scene, where=e[2]["box"])) + end, img, e[2]["box"]))
+    out2, fresh = [], []
+    for i in range(0, len(jobs), batch):
+        c = jobs[i:i + batch]
+        prompts = [enc(j[0]["prompt"]) for j in c]
+        out2 += list(M.second_given(model, ae, prompts, [j[1] for j in c], np.stack([j[2] for j in c]), [j[3] for j in c], s,
+                                    world.PALETTE, g))
+        fresh += list(M.draw_first(model, ae, prompts, s, world.PALETTE, g)[4].cpu().numpy())
+    changed, fixed, rest, fresh_ok, kept = [], [], [], [], []
+    for (spec, _, img1, _, target, box), im2, fr in zip(jobs, out2, fresh):
+        diff = (im2 != img1).any(-1)
+        if box is None:
+            changed.append(float(diff.mean()))
+            kept.append(world.verify(spec, im2)["correct"])
+        else:
+            x0, y0, x1, y1 = (int(v) for v in box)
+            out_box = diff.copy()
+            out_box[max(0, y0 - 1):y1 + 1, max(0, x0 - 1):x1 + 1] = False
+            fixed.append(world.verify(spec, im2)["correct"])
+            rest.append(float(out_box.mean()) < 0.01)
+            fresh_ok.append(world.verify(spec, fr)["correct"])
+    fixed, rest = np.array(fixed, bool), np.array(rest, bool)
+    res = dict(n_kept=len(changed), kept_changed=float(np.mean(changed)), kept_under_1pct=float(np.mean(np.array(changed) < 0.01)),
+               kept_right=float(np.mean(kept)), n_flawed=int(fixed.size), fixed=float(fixed.mean()),
+               fixed_rest_kept=float((fixed & rest).mean()), rest_kept=float(rest.mean()), fresh_right=float(np.mean(fresh_ok)))
+    log(f"edits: a right image1 told it is correct: image2 changes {res['kept_changed']:.4f} of its pixels (under 1% for "
+        f"{res['kept_under_1pct']:.3f}, right {res['kept_right']:.3f}; n {res['n_kept']}); a one-flaw image1 told what and "
+        f"where: image2 right {res['fixed']:.3f}, right with the rest kept {res['fixed_rest_kept']:.3f}; a fresh draw right "
+        f"{res['fresh_right']:.3f} (n {res['n_flawed']})")
+    return res
+
+
 def curve_png(series, path, title=""):
     """Line plots, one panel per entry of series {name: (xs, ys)}, stacked (training curves)."""
     from PIL import Image, ImageDraw
@@ -526,7 +619,12 @@ def main(argv=None):
         summary["self_judgment"] = self_judgment(model, ae, a["auroc"], a, device)
     if a["captions"]:
         summary["captions"] = caption_eval(model, ae, a["captions"], device)
-    if a["unified"] or a["auroc"] or a["captions"]:
+    if a["detail"]:
+        summary["detail"] = detail_eval(model, ae, a["detail"], device)
+    if a["edits"]:
+        summary["edits"] = edit_eval(model, ae, a["edits"], dict(a, **irg_defaults, max_think=a["irg_max_think"],
+                                                                 cfg_text2=a["irg_cfg_text2"], cfg_img=a["irg_cfg_img"]), device)
+    if a["unified"] or a["auroc"] or a["captions"] or a["detail"] or a["edits"]:
         with open(os.path.join(a["out"], "summary.json"), "w") as f:
             json.dump(summary, f, indent=1)
     return summary

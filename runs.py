@@ -21,6 +21,7 @@ import time
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
 import world
 import model as M
@@ -45,11 +46,21 @@ def load_umm(path, device):
     return model, ae, meta
 
 
-def open_run(a, rank, script):
+def processes():
+    """The number of processes of this launch (1 without torch.distributed)."""
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def open_run(a, rank, script, what=None):
     """The run folder a["out"]. A folder that already holds a run is not written into unless
-    --resume (continue it: the config must match) or --overwrite (start again: its files are
-    replaced one by one as the new run writes them). Returns the Logger."""
+    --resume (continue it: the config and the number of processes must match) or --overwrite
+    (start again: the old run's files go first, common.claim_run_dir). With --reuse DIR, DIR's
+    saved `what` (rollouts, candidates) is checked here, before anything is written, so a refused
+    --reuse leaves no config.json behind to refuse its retry. Returns the Logger."""
     out, cfg_path = a["out"], os.path.join(a["out"], "config.json")
+    world_size = processes()
+    if a.get("reuse") and what:
+        saved_rollouts(rollout_file(a["reuse"], rank, what), a, MADE_WITH, script)
     if a.get("resume"):
         if not os.path.exists(cfg_path):
             raise FileNotFoundError(f"--resume: {cfg_path} not found; there is no run to continue in {out} "
@@ -60,11 +71,23 @@ def open_run(a, rank, script):
             raise ValueError(f"--resume {out}: the run was started with " +
                              ", ".join(f"--{k} {old.get(k)}" for k in diff) + "; this call has " +
                              ", ".join(f"--{k} {a[k]}" for k in diff) + ": pass the same values (or drop them)")
-    claim_run_dir(out, a.get("resume"), a.get("overwrite"), script)
+        check_processes(old, out, "--resume")
+    claim_run_dir(out, a.get("resume"), a.get("overwrite"), script, inputs=(a.get("ckpt"),))
     log = Logger(out, rank, resume=a.get("resume"))      # --overwrite: a new run does not append to the old log
     if rank == 0 and not a.get("resume"):
-        atomic_write(cfg_path, json.dumps(a, indent=1))
+        # world_size: each process draws and resumes its own share (its prompts, its RNG streams)
+        atomic_write(cfg_path, json.dumps(dict(a, world_size=world_size), indent=1))
     return log
+
+
+def check_processes(cfg, d, how):
+    """A run continued (--resume) or whose rollouts are reused (--reuse) runs on as many processes as
+    made it (config.json's world_size): each process holds its own share of the prompts and its own
+    RNG streams, so another count would train on part of the data or resume its ranks at different steps."""
+    made, now = cfg.get("world_size"), processes()
+    if made is not None and made != now:
+        raise ValueError(f"{how} {d}: the run was made by {made} processes, this call has {now}; launch it as "
+                         f"it was (torchrun --nproc_per_node={made}, or python for 1), or start a new --out")
 
 
 def saved_rollouts(path, a, keys, script):
@@ -76,6 +99,9 @@ def saved_rollouts(path, a, keys, script):
             return None
         raise FileNotFoundError(f"{path}: no saved rollouts; --reuse needs the folder of an earlier {script} run "
                                 f"with the same number of processes")
+    cfg = os.path.join(os.path.dirname(path), "config.json")
+    if a.get("reuse") and os.path.exists(cfg):
+        check_processes(json.load(open(cfg)), a["reuse"], "--reuse")
     saved = torch.load(path, weights_only=False)
     for k in keys:
         made = saved["args"].get(k)
