@@ -41,7 +41,7 @@ import torch
 
 import world
 import model as M
-from common import parse_args, Progress
+from common import parse_args, Progress, check_model_dir, claim_run_dir
 
 defaults = dict(ckpt="data/base", eval="data/eval.jsonl", out="runs/eval", n=50, k=4, batch=96,
                 sample_steps=25, cfg=4.0, shift=3.0, temperature=0.7, max_think=64, seed=0,
@@ -467,14 +467,16 @@ def detail_eval(model, ae, n, device, seed=DETAIL_SEED, batch=64, log=print):
             rec[detail] += list(redraw(model, ae, caps, generator=g, x1=x1))
         for temp in own:
             own[temp] += [world.decode(c) for c in describe(model, ae, src[i:i + batch], temp, 64, g)[0]]
-    detail_share = lambda texts: float(np.mean([o["centre"] is not None for t in texts for o in world.parse_caption(t) or []]))  # noqa: E731
+    def detail_share(texts):            # None where no caption names an object the grammar can read
+        chunks = [o["centre"] is not None for t in texts for o in world.parse_caption(t) or []]
+        return float(np.mean(chunks)) if chunks else None
     res = dict(n=n, iou_short=float(R.matched_iou(src, rec[False]).mean()), iou_detailed=float(R.matched_iou(src, rec[True]).mean()),
                f1_short=float(R.scene_f1(src, rec[False]).mean()), f1_detailed=float(R.scene_f1(src, rec[True]).mean()),
                detail_share_t1=detail_share(own[1.0]), detail_share_greedy=detail_share(own[0.0]),
                greedy_short_exact=float(np.mean([t == world.caption(sc) for t, sc in zip(own[0.0], scenes)])))
     log(f"detail on {n} fresh scenes: redraw IoU from short captions {res['iou_short']:.3f}, from detailed ones "
         f"{res['iou_detailed']:.3f} (scene F1 {res['f1_short']:.3f} / {res['f1_detailed']:.3f}); own captions' chunks "
-        f"with a centre: {res['detail_share_t1']:.3f} at T = 1, {res['detail_share_greedy']:.3f} greedy; greedy = the "
+        f"with a centre: {fmt_p(res['detail_share_t1'])} at T = 1, {fmt_p(res['detail_share_greedy'])} greedy; greedy = the "
         f"short caption {res['greedy_short_exact']:.3f}")
     return res
 
@@ -596,6 +598,13 @@ def main(argv=None):
     for m in a["modes"].split(","):
         if m not in ("think", "forced", "irg", ""):
             raise ValueError(f"--modes {a['modes']!r}: a comma list of think, forced, irg")
+    # a method's run folder holds its own after-eval as summary.json: never replaced from here
+    claim_run_dir(a["out"], False, False, "evaluate.py", fix="its summary.json is the run's own: pass another --out "
+                  f"(e.g. {os.path.join(a['out'], 'eval')})")
+    if a["unified"]:                         # the bench's encoders, checked before the eval, not after it
+        M.check_checkpoint(a["encoder"], "--encoder")
+        if a["clip"]:
+            check_model_dir(a["clip"], "--clip", "CLIP")
     device = "cuda" if torch.cuda.is_available() else "cpu"
     specs = world.pick(world.load_specs(a["eval"]), a["n"])
     model, ae, meta = M.load_weights(a["ckpt"], device)
@@ -609,7 +618,7 @@ def main(argv=None):
     summary = evaluate(model, ae, specs, dict(a, modes=a["modes"].replace("irg", "")), device, a["out"])
     if a["unified"]:
         import rewards as R
-        base, base_ae, _ = M.load_weights(a["encoder"], device)    # f: the BASE's tower, whatever is evaluated
+        base, base_ae, _ = M.load_weights(a["encoder"], device, flag="--encoder")   # f: the BASE's tower, whatever is evaluated
         enc = dict(und=R.UndCosine(base, base_ae, device))
         if a["clip"]:
             enc["clip"] = R.CLIPCosine(a["clip"], device)

@@ -200,7 +200,11 @@ def main(argv=None):
         raise ValueError(f"--batch {a['batch']} must be divisible by the number of processes ({world_size})")
     if a["stage1_steps"] + a["stage2_steps"] == 0:
         raise ValueError("--stage1_steps 0 and --stage2_steps 0: nothing to train; give one of them steps")
+    if a["N"] + a["n_flaw"] + a["n_edit"] == 0:
+        raise ValueError("--N 0 --n_flaw 0 --n_edit 0: no improving record (the three improving modes, half of "
+                         "IRGL's samples, read one); give one of them a count")
     specs = train_specs(a)
+    runs.check_prompts(specs, a, world_size)
     torch.manual_seed(a["seed"] + rank)
     model, ae, meta = runs.load_umm(a["ckpt"], device)
     log = runs.open_run(a, rank, "irg.py")
@@ -222,6 +226,9 @@ def main(argv=None):
         initial, improving = build_irgl(model, ae, specs[rank::world_size], a, device, log)
         atomic_torch_save(dict(args=a, initial=initial, improving=improving, before=before, base_irg=base_irg),
                           data_file)
+    if all_sum(float(not improving)).item():     # every rank stops, not only the one without records
+        raise RuntimeError(f"IRGL data: a process has no improving record (its {len(specs[rank::world_size])} prompts "
+                           f"gave no flaw the verifier sees and --N is {a['N']}); raise --n_prompts, --n_flaw or --N")
     selfs = [r for r in improving if r["source"] == "self"]
     right = float(np.mean([r["right1"] for r in selfs])) if selfs else None
     log.log(dict(phase="data", initial=len(initial), improving=len(improving), self=len(selfs), self_right=right,
@@ -304,7 +311,7 @@ def main(argv=None):
 def stage_eval(raw, ae, specs, ia, device, a, name, log):
     """The IRG eval at the end of stage 1, saved so that a resumed run does not redo it (its weights are gone)."""
     f = os.path.join(a["out"], name, "summary.json")
-    if os.path.exists(f):
+    if a["resume"] and os.path.exists(f):      # only this run's own: a fresh run never reads one it finds
         return json.load(open(f))
     was = raw.training
     res = irg_eval(raw.eval(), ae, specs, ia, device, a, name, log)

@@ -20,7 +20,7 @@ import copy
 import json
 import math
 import os
-from dataclasses import dataclass, asdict
+from dataclasses import dataclass, asdict, fields
 
 import torch
 import torch.nn as nn
@@ -661,8 +661,11 @@ def _sha256(path):
 def save_weights(path, model, ae, meta):
     """Atomic: `path`.safetensors (bf16 MoT weights, fp32 AE weights; model may be None for an
     AE-only checkpoint) + `path`.json (config, run meta and the sha256 of the weights file, so
-    corrupted bytes are caught at load). Temp names, then renamed. A non-finite weight raises
-    instead of being written: a checkpoint is never worse than the one it would replace."""
+    corrupted bytes are caught at load). Both are written whole under temp names before either is
+    renamed, so at every moment one whole pair exists: the old one, or (killed between the two
+    renames) the new weights beside the new .json still under its temp name, which load_weights
+    recognises by its sha256 and renames into place. A non-finite weight raises instead of being
+    written: a checkpoint is never worse than the one it would replace."""
     from safetensors.torch import save_file
     sd = {f"ae.{k}": v.detach().float().contiguous() for k, v in ae.state_dict().items()}
     js = dict(meta, ae=dict(C=ae.C, w=ae.enc[0].out_channels, p=ae.p))
@@ -682,20 +685,108 @@ def save_weights(path, model, ae, meta):
     os.replace(path + ".json.tmp", path + ".json")
 
 
-def load_weights(path, device="cpu", dtype=torch.float32):
-    """Load (model, ae, meta) saved by save_weights. `path` without extension. Every failure
-    names the file and the fix: missing, a run folder instead of a checkpoint, broken JSON,
-    truncated or corrupted weights (sha256), non-finite tensors, a config that does not fit."""
-    from safetensors.torch import load_file
+def _settle(path):
+    """Finish a save that was killed between its two renames: the new weights are in place, the new
+    .json whole beside them as .json.tmp (the weights' .tmp is gone). The .tmp is renamed into place
+    only when the sha256 it records is the weights file's, so a stale or broken one is never taken."""
+    tmp = path + ".json.tmp"
+    if not os.path.exists(tmp) or os.path.exists(path + ".safetensors.tmp") or not os.path.exists(path + ".safetensors"):
+        return
+    try:
+        with open(tmp) as f:
+            sha = json.load(f).get("sha256")
+    except (OSError, ValueError):
+        return
+    if sha and sha == _sha256(path + ".safetensors"):
+        try:
+            os.replace(tmp, path + ".json")
+        except FileNotFoundError:       # another process loading the same checkpoint settled it first
+            pass
+
+
+def _header(path):
+    """{name: shape} from the safetensors header of `path`.safetensors (its first 8 + n bytes), read
+    without loading a tensor."""
+    f = path + ".safetensors"
+    size = os.path.getsize(f)
+    with open(f, "rb") as fh:
+        n = int.from_bytes(fh.read(8), "little")
+        head = fh.read(n) if 8 <= size and n <= size - 8 else b""
+    try:
+        h = json.loads(head)
+        return {k: list(v["shape"]) for k, v in h.items() if k != "__metadata__"}
+    except (ValueError, TypeError, KeyError):
+        raise ValueError(f"{f}: unreadable (no safetensors header); the file is truncated or not a safetensors "
+                         f"file: restore it or re-save the checkpoint") from None
+
+
+def _check_config(path, meta, shapes):
+    """The .json's config and AE sizes, checked against the weights file's header before anything is
+    built: each value of its type and positive, and each the size the weights have, so a .json that
+    asks for thousands of layers or a width of 10^6 is refused in a millisecond instead of being
+    allocated (the weights file bounds the model to what it holds)."""
+    j = f"{path}.json"
+    ae = meta.get("ae")
+    if not isinstance(ae, dict) or sorted(ae) != ["C", "p", "w"]:
+        raise ValueError(f"{j}: \"ae\" must hold the autoencoder's C, w and p (got {ae!r}); re-save the checkpoint")
+    cfg, kinds = meta.get("config"), {f.name: f.type for f in fields(Config)}
+    if cfg is not None and not isinstance(cfg, dict):
+        raise ValueError(f"{j}: \"config\" must be an object of {list(kinds)}, got {cfg!r}")
+    unknown = [k for k in cfg or {} if k not in kinds]
+    if unknown:
+        raise ValueError(f"{j}: unknown config key {unknown[0]!r}; a config holds {list(kinds)}")
+    for k, v, real in [(f"ae.{k}", v, False) for k, v in ae.items()] + \
+            [(k, v, kinds[k] in (float, "float")) for k, v in (cfg or {}).items()]:
+        ok = isinstance(v, (float, int) if real else int) and not isinstance(v, bool) and math.isfinite(v)
+        if not ok or v <= 0:
+            raise ValueError(f"{j}: {k} {v!r} must be a positive {'number' if real else 'whole number'}; the .json "
+                             f"is damaged: restore it or re-save the checkpoint")
+    sizes = dict(w=("ae.enc.0.weight", 0), C=("ae.enc.6.weight", 0))
+    have = {k: shapes[n][i] for k, (n, i) in sizes.items() if n in shapes}
+    if "ae.lat_mean" in shapes and "C" in have:
+        have["p"] = math.isqrt(shapes["ae.lat_mean"][0] // have["C"])
+    bad = [k for k in ("w", "C", "p") if have.get(k) != ae[k]]
+    if bad:
+        raise ValueError(f"{path}: the autoencoder weights do not fit {j}: " +
+                         ", ".join(f"{k} {ae[k]} there, {have.get(k)} in the weights" for k in bad) +
+                         "; the .json and .safetensors come from different runs")
+    if cfg is None:
+        return
+    c = dict(asdict(Config()), **cfg)
+    if c["n_img"] != N_IMG:
+        raise ValueError(f"{j}: n_img {c['n_img']}: this code draws {N_IMG} image tokens per image (model.N_IMG)")
+    u = lambda name, i: shapes[f"umm.{name}"][i] if f"umm.{name}" in shapes else None  # noqa: E731
+    hd = u("und.0.q_norm.w", 0)
+    layers = 0
+    while f"umm.und.{layers}.q.weight" in shapes:
+        layers += 1
+    have = dict(vocab_size=u("tok_emb.weight", 0), d=u("tok_emb.weight", 1), n_layer=layers,
+                mlp_hidden=u("und.0.down.weight", 1), latent_ch=u("vae2llm.weight", 1),
+                n_head=u("und.0.q.weight", 0) // hd if hd else None, n_kv_head=u("und.0.k.weight", 0) // hd if hd else None)
+    bad = [k for k in have if have[k] != c[k]]
+    if bad:
+        more = f" (missing (e.g. und.{layers}.q.weight))" if c["n_layer"] > layers else \
+            (f" (unexpected (e.g. und.{c['n_layer']}.q.weight))" if c["n_layer"] < layers else "")
+        raise ValueError(f"{path}: the MoT weights do not fit the config in {j}: " +
+                         ", ".join(f"{k} {c[k]} there, {have[k]} in the weights" for k in bad) + more +
+                         "; the .json and .safetensors come from different runs, or the code changed the model")
+
+
+def check_checkpoint(path, flag="--ckpt"):
+    """Everything load_weights checks before it reads a tensor, for a script to run before any work
+    (e.g. evaluate.py's --encoder): the files are there (a save killed between its two renames is
+    finished here, _settle), the JSON parses, the weights' sha256 is the recorded one, the config fits
+    the weights' header. `flag`: the flag that named the path, for the hints. Returns the meta."""
     if os.path.isdir(path):
-        hint = f" (it holds {os.path.join(path, 'ckpt')}.*: pass --ckpt {os.path.join(path, 'ckpt')})" \
+        hint = f" (it holds {os.path.join(path, 'ckpt')}.*: pass {flag} {os.path.join(path, 'ckpt')})" \
             if os.path.exists(os.path.join(path, "ckpt.json")) else ""
         raise FileNotFoundError(f"checkpoint {path} is a folder{hint}; pass the checkpoint path without extension, "
                                 f"e.g. data/base or runs/NAME/ckpt")
+    _settle(path)
     for ext in (".safetensors", ".json"):
         if not os.path.exists(path + ext):
             raise FileNotFoundError(
-                f"checkpoint {path + ext} not found: pass --ckpt with the path of a checkpoint "
+                f"checkpoint {path + ext} not found: pass {flag} with the path of a checkpoint "
                 f"(without extension), e.g. data/base, or train one with `python pretrain.py`")
     try:
         with open(path + ".json") as f:
@@ -706,6 +797,17 @@ def load_weights(path, device="cpu", dtype=torch.float32):
     if meta.get("sha256") and _sha256(path + ".safetensors") != meta["sha256"]:
         raise ValueError(f"{path}.safetensors: corrupted (its sha256 differs from the one {path}.json recorded "
                          f"at save); restore the file (git checkout / a copy) or re-save the checkpoint")
+    _check_config(path, meta, _header(path))
+    return meta
+
+
+def load_weights(path, device="cpu", dtype=torch.float32, flag="--ckpt"):
+    """Load (model, ae, meta) saved by save_weights. `path` without extension; `flag`: the flag that
+    named it, for the hints. Every failure names the file and the fix: missing, a run folder instead
+    of a checkpoint, broken JSON, truncated or corrupted weights (sha256), a config that does not fit
+    the weights' header (checked before anything is built: check_checkpoint), non-finite tensors."""
+    from safetensors.torch import load_file
+    meta = check_checkpoint(path, flag)
     try:
         sd = load_file(path + ".safetensors")
     except Exception as e:      # safetensors raises its own error types for truncated/garbled files

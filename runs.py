@@ -112,6 +112,31 @@ def saved_rollouts(path, a, keys, script):
     return saved
 
 
+def check_prompts(specs, a, world_size):
+    """Before any model work: every process gets a share of the training prompts (a process with none
+    trains on nothing), and with --row_len the longest sample a method packs (<bos> prompt <think>,
+    up to --max_think plan tokens, a forced <|vision_start|>, the image) fits one row, so a long prompt
+    fails here and not at the first training step, after the rollouts and the before-eval."""
+    if len(specs) < world_size:
+        raise ValueError(f"{len(specs)} training prompts for {world_size} processes: a process without one would "
+                         f"train on nothing; pass more prompts (--n_prompts, --prompts) or use fewer processes")
+    if a.get("row_len"):
+        longest = max(specs, key=lambda s: len(world.encode(s["prompt"])))
+        n_prompt = len(world.encode(longest["prompt"]))
+        n = 3 + n_prompt + a["max_think"] + M.N_IMG
+        if n > a["row_len"]:
+            raise ValueError(f"--row_len {a['row_len']}: a training sample can take {n} tokens (the prompt "
+                             f"{longest['prompt']!r} has {n_prompt}, --max_think {a['max_think']}, {M.N_IMG} image "
+                             f"tokens, 3 specials); raise --row_len to {n}, or lower --max_think")
+
+
+def nothing_to_train(weight_sum, why):
+    """Refuse a run whose training weights are all 0 (weight_sum over every process): it would take its
+    steps on nothing and save the base's weights as its result."""
+    if weight_sum == 0:
+        raise ValueError(f"{why}: every training weight is 0, so nothing would train")
+
+
 def rollout_file(d, rank, what):
     return os.path.join(d, f"{what}.rank{rank}.pt")
 

@@ -44,7 +44,8 @@ import rewards as R
 import runs
 import evaluate
 from kernels.loss import velocity_loss
-from common import setup_dist, teardown_dist, ddp, all_sum, update, finite, atomic_torch_save, atomic_write, parse_args
+from common import setup_dist, teardown_dist, ddp, all_sum, update, finite, atomic_torch_save, atomic_write, parse_args, \
+    check_model_dir, refuse_ignored
 
 defaults = dict(
     ckpt="data/base", prompts="data/mmgw.jsonl", out="runs/rwr", seed=0, resume=False, overwrite=False,
@@ -109,12 +110,22 @@ def check(a, world_size):
             raise FileExistsError(f"--mine would replace {a['prompts']}; pass --overwrite to replace it, or "
                                   f"--prompts NEW.jsonl to mine into another file")
         return None
-    if a["reward"] == "vqa_qwen" and not os.path.isdir(a["qwen"]):
+    # the flags a baseline or reward does not read are refused, not recorded in config.json as if used
+    refuse_ignored(a, defaults, f"--baseline {a['baseline']}",
+                   dict(none=("reject_at",), sft=("beta", "reject_at"), rejection=("beta",))[a["baseline"]])
+    if a["reward"] != "vqa_qwen":
+        refuse_ignored(a, defaults, f"--reward {a['reward']}", ("qwen",))
+    elif not os.path.isdir(a["qwen"]):
         raise FileNotFoundError(f"--reward vqa_qwen needs --qwen DIR, a local Qwen2.5-VL folder (got {a['qwen']!r})")
+    else:
+        check_model_dir(a["qwen"], "--qwen", "Qwen2.5-VL",
+                        needs=(("tokenizer.json", "tokenizer_config.json"), "preprocessor_config.json"))
     # --prompts random: the control for mining, prompts drawn at random (same pool as the miner's);
     # --n_prompts 0: every prompt of the file, for random prompts as many as the mined file holds
     n = a["n_prompts"] or (len(world.load_specs(defaults["prompts"])) if a["prompts"] == "random" else 0)
-    return world.prompt_set(a["prompts"], n, a["seed"])
+    specs = world.prompt_set(a["prompts"], n, a["seed"])
+    runs.check_prompts(specs, a, world_size)
+    return specs
 
 
 def main(argv=None):
@@ -129,7 +140,7 @@ def main(argv=None):
         if rank == 0:
             mine(policy, ae, a, device)
         return teardown_dist()
-    log = runs.open_run(a, rank, "rwr.py")
+    log = runs.open_run(a, rank, "rwr.py", "rollouts")
 
     # ---- before (the base on the held-out eval set) and 1. rollouts: every prompt's N unified
     # generations in think mode, this rank's share; or the saved ones of --reuse DIR / --resume
@@ -159,6 +170,9 @@ def main(argv=None):
         w = np.ones_like(r)
     elif a["baseline"] == "rejection":
         w = (r >= a["reject_at"]).astype(np.float32)
+        runs.nothing_to_train(all_sum(float(w.sum())).item(),
+                              f"--baseline rejection: no rollout has a reward at or above --reject_at {a['reject_at']} "
+                              f"(see reward_hist.png); lower it, reusing these rollouts: --reuse {a['out']} --out NEW")
     else:
         w = np.exp(a["beta"] * r)
     w = w / max(all_sum(float(w.sum())).item() / max(all_sum(n_ro).item(), 1), 1e-8)

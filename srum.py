@@ -36,7 +36,7 @@ import rewards as R
 import runs
 import evaluate
 from kernels.loss import velocity_loss
-from common import setup_dist, teardown_dist, ddp, update, finite, atomic_torch_save, parse_args
+from common import setup_dist, teardown_dist, ddp, all_sum, update, finite, atomic_torch_save, parse_args, refuse_ignored
 
 defaults = dict(
     ckpt="data/base", prompts="random", n_prompts=114, out="runs/srum", seed=0, reuse="", report="",
@@ -108,10 +108,18 @@ def main(argv=None):
     rank, world_size, local, device = setup_dist()
     if a["batch"] % world_size:
         raise ValueError(f"--batch {a['batch']} must be divisible by the number of processes ({world_size})")
+    # the flags a variant does not read are refused, not recorded in config.json as if used
+    if a["baseline"] == "sft":              # R = 1 and no L_ref
+        refuse_ignored(a, defaults, "--baseline sft", ("lambda_c", "reward_map", "reward_level", "binary", "no_global"))
+    elif a["reward_level"] == "sample":     # one global number per image: no map, no global factor to drop
+        refuse_ignored(a, defaults, "--reward_level sample", ("reward_map", "no_global"))
+    if a["judge"] == "oracle":              # the verifier's own scores
+        refuse_ignored(a, defaults, "--judge oracle", ("judge_score",))
     specs = world.prompt_set(a["prompts"], a["n_prompts"], a["seed"])
+    runs.check_prompts(specs, a, world_size)
     torch.manual_seed(a["seed"] + rank)
     policy, ae, meta = runs.load_umm(a["ckpt"], device)
-    log = runs.open_run(a, rank, "srum.py")
+    log = runs.open_run(a, rank, "srum.py", "candidates")
 
     # ---- before (the base on the held-out eval set) and 1. candidates: N think-mode generations per
     # prompt, this rank's share; or the saved ones of --reuse DIR / --resume, with their judgments if
@@ -142,6 +150,9 @@ def main(argv=None):
     lam = a["lambda_c"]
     if a["baseline"] == "sft":
         Rtok, lam = np.ones_like(Rtok), 0.0
+    runs.nothing_to_train(all_sum(float(np.abs(Rtok).sum())).item() + lam,
+                          "the reward maps are 0 on every token and --lambda_c is 0 (e.g. every judgment g = -1 "
+                          "scales each map to 0); give --lambda_c > 0")
     # the map's contrast: a candidate's mean per-token weight in Eq. 3 (R + lambda_c), right over wrong by the
     # verifier. What a weighted regression can move: RWR's exp(5 r) spans up to e^5 = 148x, SFT 1x.
     w_img = Rtok.mean(1) + lam

@@ -363,3 +363,16 @@ def test_second_given_equals_irg_generates_own_image2():
     torch.randn(2, 16, 32, generator=g)                  # image1's noise: greedy text draws nothing else
     img2 = M.second_given(m, ae, prompts, out["think1"], out["img1"], out["think2"], s, world.PALETTE, g)
     assert np.array_equal(img2, out["img2"])
+
+
+def test_evaluate_py_detail_and_edits(tiny_ckpt, tmp_path):
+    """evaluate.py --detail / --edits run end to end and report rates in [0, 1] over what they drew."""
+    import evaluate
+    s = evaluate.main(["--ckpt", tiny_ckpt, "--modes", "", "--und", "0", "--detail", "4", "--edits", "1", "--sample_steps", "2",
+                       "--irg_max_think", "4", "--out", str(tmp_path)])
+    d, e = s["detail"], s["edits"]
+    assert d["n"] == 4 and all(0 <= d[k] <= 1 for k in ("iou_short", "iou_detailed", "f1_short"))
+    assert d["detail_share_t1"] is None or 0 <= d["detail_share_t1"] <= 1       # a random model's captions may not parse
+    assert e["n_kept"] == len(evaluate.IMAGE_TAGS) and 0 < e["n_flawed"] <= e["n_kept"]
+    assert all(0 <= e[k] <= 1 for k in ("kept_changed", "fixed", "fixed_rest_kept", "fresh_right"))
+    assert json.load(open(tmp_path / "summary.json"))["edits"] == e

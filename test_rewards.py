@@ -205,3 +205,19 @@ def test_reward_stats_and_histogram():
     assert rewards.reward_stats(np.ones(8))["bimodality"] == 0.0
     h = rewards.histogram(np.array([0.0, 0.05, 0.5, 0.99, 1.0, 1.2]), bins=10)
     assert len(h) == 10 and sum(h) == 6 and h[0] == 2 and h[5] == 1 and h[-1] == 3
+
+
+def test_matched_iou_sees_where_objects_are_that_scene_f1_cannot():
+    """rewards.matched_iou: 1 for a render against itself, below 1 for the same scene moved by a pixel
+    (scene_f1, keyed by 3x3 cell, still 1 there), 0 against an empty canvas, 1 for two empty canvases."""
+    import rewards as R
+    rng = np.random.default_rng(7)
+    scenes = [world.random_scene(rng, holdout="train") for _ in range(20)]
+    src = np.stack([world.draw(s) for s in scenes])
+    step = lambda b: 1 if max(b[2], b[3]) < world.W - 1 else -1      # noqa: E731  (one pixel, kept on the canvas)
+    moved = np.stack([world.draw([dict(o, box=tuple(v + step(o["box"]) for v in o["box"])) for o in s]) for s in scenes])
+    empty = np.zeros_like(src)
+    assert np.allclose(R.matched_iou(src, src), 1.0)
+    iou, f1 = R.matched_iou(src, moved), R.scene_f1(src, moved)
+    assert (iou < 0.95).all() and (iou > 0.3).all() and f1.mean() > 0.9
+    assert np.allclose(R.matched_iou(src, empty), 0.0) and np.allclose(R.matched_iou(empty[:2], empty[:2]), 1.0)

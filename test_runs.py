@@ -405,3 +405,41 @@ def test_und_transfer_reaches_understanding_only():
     assert not any(v for (task, flag), v in seen.items() if not flag or task in ("t2i", "think", "reflect")), seen
     assert all(seen[t, True] for t in ("vqa", "judge", "region")), seen
 
+
+
+def test_edit_and_redraw_samples_are_what_they_claim_and_leave_the_default_stream_alone():
+    """pretrain.py's edit task: a kept pair's image2 is image1 to the pixel (think2 "the image is correct");
+    an edited pair differs only inside the box of the one object its think2 names (with that box's cell).
+    The redraw task reads a caption in Unified-GRPO's context. With the new tasks at weight 0 and
+    --caption_detail 0, the default stream is the one the shipped base trained on, batch for batch."""
+    import pretrain as P
+    banned = world.eval_prompts()
+    kinds = {"kept": 0, "edited": 0}
+    for i in range(60):
+        segs = P.make_sample("edit", np.random.default_rng([9, i]), banned)
+        img1, img2 = segs[2][1], segs[5][1]
+        t2 = world.decode(segs[4][1])
+        if t2.startswith(world.PROBLEMS["ok"]):
+            kinds["kept"] += 1
+            assert np.array_equal(img1, img2)
+            continue
+        kinds["edited"] += 1
+        cell = t2.split(" at the ")[1].split(" . ")[0]
+        key = lambda o: (o["shape"], o["color"], tuple(o["box"]))                 # noqa: E731
+        o1, o2 = world.detect(img1), world.detect(img2)
+        changed = [o for o in o2 if key(o) not in map(key, o1)] + [o for o in o1 if key(o) not in map(key, o2)]
+        assert 1 <= len({tuple(o["box"]) for o in changed}) <= 2, (t2, changed)   # one object (two: swapped colours)
+        inside = np.zeros(img1.shape[:2], bool)
+        for o in changed:                                      # detect's boxes are core boxes: 2 px of margin
+            x0, y0, x1, y1 = o["box"]
+            inside[max(0, y0 - 2):y1 + 2, max(0, x0 - 2):x1 + 2] = True
+        assert not ((img1 != img2).any(-1) & ~inside).any()   # and nothing else moves
+        assert cell in [world.GRID[world._cell(o["box"])[0]][world._cell(o["box"])[1]] for o in changed], (t2, changed)
+    assert kinds["kept"] > 5 and kinds["edited"] > 20, kinds
+    segs = P.make_sample("redraw", np.random.default_rng(3), banned)
+    assert world.decode(segs[0][1]).startswith("<bos> <think> a") and world.decode(segs[0][1]).endswith("</think> <|vision_start|>")
+    old = {k: v for k, v in P.MIX.items() if k not in ("edit", "redraw")}
+    for step in range(3):
+        a = P.make_batch(0, step, 0, 32, banned, 0.1, 1.0, 32, 160, P.MIX)
+        b = P.make_batch(0, step, 0, 32, banned, 0.1, 1.0, 32, 160, old)
+        assert a["tasks"] == b["tasks"] and all(torch.equal(a[k], b[k]) for k in a if torch.is_tensor(a[k]))

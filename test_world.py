@@ -315,3 +315,44 @@ def test_verifications_per_second():
     for s, img in data:
         world.verify(s, img)
     print(f"\nverifications/s (one core): {len(data) / (time.perf_counter() - t):.0f}")
+
+
+def test_detailed_caption_parses_back_to_the_boxes_and_keeps_the_short_form():
+    """world.caption(detail=True) ends each chunk with the object's centre in pixels: parsed back it gives
+    every box centre within the rounding (half a pixel), and it names the same objects as the short form
+    (caption_score 1), which it extends word for word."""
+    rng = np.random.default_rng(5)
+    for _ in range(200):
+        scene = world.random_scene(rng, holdout="train")
+        short, detailed = world.caption(scene), world.caption(scene, detail=True)
+        assert world.caption_score(detailed, scene) == 1.0 and world.caption_score(short, scene) == 1.0
+        got = sorted(o["centre"] for o in world.parse_caption(detailed))
+        centres = [((b[0] + b[2]) / 2, (b[1] + b[3]) / 2) for b in (o["box"] for o in scene)]
+        assert got == sorted((int(x + 0.5), int(y + 0.5)) for x, y in centres)      # each within half a pixel
+        assert all(o["centre"] is None for o in world.parse_caption(short))
+        assert [c.split()[:-2] for c in detailed.rstrip(" .").split(" , ")] == [c.split() for c in short.rstrip(" .").split(" , ")]
+
+
+def test_edit_flaw_changes_one_object_in_place_and_the_reflection_names_its_cell():
+    rng = np.random.default_rng(6)
+    n = 0
+    for tag in ("two_object", "colors", "color_attr", "counting", "position"):
+        for _ in range(20):
+            spec = world.sample_spec(tag, rng, holdout="train")
+            img, scene = world.render(spec, rng, holdout="train")
+            e = world.edit_flaw(spec, scene, rng)
+            if e is None:
+                continue
+            bad, bad_scene, edited = e
+            n += 1
+            assert not world.verify(spec, bad)["correct"] and world.verify(spec, img)["correct"]
+            x0, y0, x1, y1 = edited["box"]
+            diff = (bad != img).any(-1)
+            assert diff.any()
+            if len(bad_scene) == len(scene) and sum(a != b for a, b in zip(bad_scene, scene)) == 1:   # one object edited
+                outside = diff.copy()
+                outside[y0:y1, x0:x1] = False
+                assert not outside.any()                     # nothing outside the edited object's box moves
+            r, c, _, _ = world._cell(edited["box"])
+            assert f"at the {world.GRID[r][c]} . redraw :" in world.reflection_text(spec, bad, scene, where=edited["box"])
+    assert n > 50

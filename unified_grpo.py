@@ -56,7 +56,7 @@ import model as M
 import rewards as R
 import runs
 import evaluate
-from common import setup_dist, teardown_dist, ddp, all_sum, update, finite, atomic_torch_save, parse_args
+from common import setup_dist, teardown_dist, ddp, all_sum, update, finite, atomic_torch_save, parse_args, check_model_dir
 
 defaults = dict(
     ckpt="data/base", out="runs/grpo/s0", seed=0, resume=False, overwrite=False, report="", stop_after=0,
@@ -130,8 +130,8 @@ def check(a, world_size):
     if a["reward"] == "clip" and not os.path.isdir(a["clip_path"]):
         raise FileNotFoundError(f"--reward clip needs --clip_path DIR, a local CLIP folder (got {a['clip_path']!r}); "
                                 f"nothing is downloaded here: use --reward und or scene without one")
-    if a["clip_path"] and not os.path.isdir(a["clip_path"]):
-        raise FileNotFoundError(f"--clip_path {a['clip_path']!r}: no such folder")
+    if a["clip_path"]:
+        check_model_dir(a["clip_path"], "--clip_path", "CLIP")
     if a["stop_after"] and a["stop_after"] >= a["steps"]:
         raise ValueError(f"--stop_after {a['stop_after']} must be < --steps {a['steps']} (it simulates a killed run)")
 

@@ -927,12 +927,20 @@ def reflection_text(spec, img_or_verdict, target_scene, where=None):
 # -----------------------------------------------------------------------------
 # prompt files
 
-def load_specs(path):
-    """Read a JSONL prompt file; every bad line raises ValueError naming path:line."""
+MAX_PROMPT = 64     # tokens: the world's prompts have at most 12; a method's packed row (160 tokens) holds
+                    # <bos> prompt <think> plan <vs> and 16 image tokens
+
+def load_specs(path, training=False):
+    """Read a JSONL prompt file (UTF-8, with or without a byte-order mark); every bad line raises
+    ValueError naming path:line and the fix: bad JSON, missing keys, an unknown tag or word, a prompt
+    longer than MAX_PROMPT tokens, include items the verifier cannot check, a prompt whose text asks
+    for other objects than its include (_check_text). training: the file is a method's training
+    prompts, and an eval prompt (eval_prompts) in it is refused: training on it leaks the test set."""
     if not os.path.exists(path):
         raise FileNotFoundError(f"{path}: no such prompt file (write one with `python world.py --write_eval`)")
+    banned = eval_prompts() if training else set()
     specs = []
-    with open(path) as f:
+    with open(path, encoding="utf-8-sig") as f:
         for n, line in enumerate(f, 1):
             if not line.strip():
                 continue
@@ -950,9 +958,19 @@ def load_specs(path):
                                      f'"include": [{{"class": "square", "count": 1, "color": "red"}}]}})')
             if spec["tag"] not in TAGS:
                 raise ValueError(f"{where}: unknown tag {spec['tag']!r}; use one of {TAGS}")
-            encode(spec["prompt"], where)
+            p = spec["prompt"]
+            if not isinstance(p, str) or len(p) > 16 * MAX_PROMPT or len(tokenize(p)) > MAX_PROMPT:
+                what = f"a {type(p).__name__}" if not isinstance(p, str) else f"{len(tokenize(p))} tokens ({len(p)} characters)"
+                raise ValueError(f"{where}: the prompt is {what}; a prompt is a string of at most {MAX_PROMPT} tokens "
+                                 f"(the world's own have at most 12): shorten it")
+            encode(p, where)
             spec.setdefault("exclude", [])
             _check_items(spec, where)
+            _check_text(spec, where)
+            if p in banned:
+                raise ValueError(f"{where}: {p!r} is an eval prompt (data/eval.jsonl); training on it leaks the test "
+                                 f"set into the run's after-eval: remove the line, or draw training prompts with "
+                                 f"--prompts random (or rwr.py --mine), which never hold one")
             specs.append(spec)
     return specs
 
@@ -981,6 +999,73 @@ def _check_items(spec, where):
                 p = it["position"]
                 if not (isinstance(p, list) and len(p) == 2 and p[0] in RELATIONS and p[1] in range(len(inc)) and p[1] != i):
                     raise bad(f"position must be [relation, index of another include item], relation one of {RELATIONS}")
+
+_COUNT_OF = {"a": 1, "an": 1, "one": 1, "the": 1, **{w: n for n, w in COUNT_WORDS.items()}}
+_SHAPE_OF = {**{x: x for x in SHAPES}, **{p: x for x, p in PLURALS.items()}}
+
+def prompt_objects(prompt):
+    """What a prompt's text asks for, read with the grammar sample_spec writes ("a photo of" [count]
+    [size] [colour] shape ["in the R half"], objects joined by "and" or a relation; a knowledge noun
+    names its colour and shape; "the number N"): ([(class, count, colour, size, region, text)] per
+    object, None where the text says nothing; [(object i, relation, object j)]). A count word or
+    attribute that no shape follows gives an object of class None (the text names no shape for it)."""
+    toks, objs, rels, cur, rel, i = tokenize(prompt), [], [], {}, None, 0
+    while i < len(toks):
+        t, two = toks[i], " ".join(toks[i:i + 2])
+        if two in RELATIONS or t in RELATIONS:
+            rel = (len(objs) - 1, two if two in RELATIONS else t)
+            i += 2 if two in RELATIONS else 1
+            continue
+        if toks[i:i + 2] == ["in", "the"] and toks[i + 2:i + 3] and toks[i + 2] in REGIONS and toks[i + 3:i + 4] == ["half"]:
+            if objs:
+                objs[-1]["region"] = toks[i + 2]
+            i += 4
+            continue
+        if t in ("photo", "image", "figure"):
+            cur = {}
+        elif t in _COUNT_OF:
+            cur["count"] = _COUNT_OF[t]
+        elif t in SIZES:
+            cur["size"] = t
+        elif t in COLORS:
+            cur["color"] = t
+        elif t in _SHAPE_OF or t in ALIASES or t == "number":
+            o = dict(cls=_SHAPE_OF.get(t), count=cur.get("count", None if t in PLURALS.values() else 1),
+                     color=cur.get("color"), size=cur.get("size"), region=None, text=None)
+            if t in ALIASES:
+                o["color"], o["cls"] = ALIASES[t] if o["color"] is None else (None, None)
+            if t == "number":
+                o["cls"] = "number"
+                if toks[i + 1:i + 2] and toks[i + 1].isdigit():
+                    o["text"] = toks[i + 1]
+                    i += 1
+            objs.append(o)
+            if rel is not None:
+                rels.append((rel[0], rel[1], len(objs) - 1))
+                rel = None
+            cur = {}
+        i += 1
+    if any(k in cur for k in ("color", "size")):
+        objs.append(dict(cls=None, count=cur.get("count"), color=cur.get("color"), size=cur.get("size"), region=None,
+                         text=None))
+    keys = [tuple(o[k] for k in ("cls", "count", "color", "size", "region", "text")) for o in objs]
+    return keys, [(keys[a], r, keys[b]) for a, r, b in rels if a >= 0]
+
+def _check_text(spec, where):
+    """A prompt's text and its include ask for the same objects (class, count, colour, size, region,
+    number) and relations: the model reads the text, the verifier scores the include, so a line whose
+    two disagree (e.g. "a red square" over a blue circle) scores every image against another prompt."""
+    said, said_rel = prompt_objects(spec["prompt"])
+    inc = spec["include"]
+    asked = [(it["class"], it["count"], it.get("color"), it.get("size"), it.get("region"), it.get("text")) for it in inc]
+    asked_rel = [(asked[i], it["position"][0], asked[it["position"][1]]) for i, it in enumerate(inc) if "position" in it]
+    if Counter(said) != Counter(asked) or Counter(said_rel) != Counter(asked_rel):
+        show = lambda k: " ".join(str(x) for x in (k[1], k[3], k[2], k[0] or "(no shape)", k[4] and f"in the {k[4]} half",  # noqa: E731
+                                                     k[5]) if x is not None)
+        show_all = lambda ks, rs: "; ".join([show(k) for k in ks] + [f"{show(a)} {r} {show(b)}" for a, r, b in rs]) or "nothing"  # noqa: E731
+        raise ValueError(f"{where}: the prompt {spec['prompt']!r} asks for {show_all(said, said_rel)}, its include for "
+                         f"{show_all(asked, asked_rel)}: the model reads the prompt and the verifier scores the "
+                         f"include, so make the two agree (fix the prompt or the include)")
 
 # -----------------------------------------------------------------------------
 # prompt sets: the eval split and the training prompts the methods draw
@@ -1033,7 +1118,7 @@ def prompt_set(prompts, n, seed):
         pool = candidates(n, np.random.default_rng(10_000 + seed))
         pool = [s for s in pool if prompts == "random" or s["tag"] in COMPOSITIONAL]
     else:
-        pool = load_specs(prompts)
+        pool = load_specs(prompts, training=True)
     if not pool:
         raise ValueError(f"{prompts}: the prompt file holds no prompts; pass a file with at least one line "
                          f"(e.g. data/mmgw.jsonl) or --prompts random")
