@@ -45,6 +45,7 @@ import world
 import model as M
 import runs
 import evaluate
+import pictures
 from common import setup_dist, teardown_dist, ddp, all_sum, update, atomic_torch_save, atomic_write, parse_args, Progress
 
 defaults = dict(
@@ -402,7 +403,7 @@ def draw_data(initial, improving, path):
     rows = [[improving[i]["img1"], improving[i]["img2"]] for i in pick]
     labels = [f"[{improving[i]['source']}] {improving[i]['spec']['prompt']} -> {world.decode(improving[i]['t2'])}" for i in pick]
     ok = [[bool(improving[i]["right1"]), True] for i in pick]
-    evaluate.grid(rows, path, labels, ok)
+    pictures.grid(rows, path, labels, ok)
 
 
 if __name__ == "__main__":

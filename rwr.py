@@ -43,6 +43,7 @@ import model as M
 import rewards as R
 import runs
 import evaluate
+import pictures
 from kernels.loss import velocity_loss
 from common import setup_dist, teardown_dist, ddp, all_sum, update, finite, atomic_torch_save, atomic_write, parse_args, \
     check_model_dir, refuse_ignored
@@ -247,10 +248,10 @@ def rollout_stats(ro, r, ro_per_s, a, rank, log):
             f"rollouts: {len(r)} ({ro_per_s:.1f}/s) | reward mean {stats['mean']:.3f} "
             f"bimodality {stats['bimodality']:.2f} | oracle success {oracle.mean():.3f}")
     if rank == 0:
-        evaluate.histogram_png(R.histogram(r), os.path.join(a["out"], "reward_hist.png"),
+        pictures.histogram_png(R.histogram(r), os.path.join(a["out"], "reward_hist.png"),
                                f"rwr rewards ({a['reward']}), {len(r)} rollouts")
         rows = [i * a["N"] for i in range(0, len(r) // a["N"], max(1, len(r) // a["N"] // 8))][:8]
-        evaluate.grid([ro["image"][i:i + a["N"]] for i in rows], os.path.join(a["out"], "rollouts.png"),
+        pictures.grid([ro["image"][i:i + a["N"]] for i in rows], os.path.join(a["out"], "rollouts.png"),
                       [f"{ro['spec'][i]['prompt']} (r: " + " ".join(f"{x:.2f}" for x in r[i:i + 8]) + ")" for i in rows],
                       [[bool(o) for o in oracle[i:i + a["N"]]] for i in rows], cols=8)
     return stats

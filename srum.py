@@ -35,6 +35,7 @@ import model as M
 import rewards as R
 import runs
 import evaluate
+import pictures
 from kernels.loss import velocity_loss
 from common import setup_dist, teardown_dist, ddp, all_sum, update, finite, atomic_torch_save, parse_args, refuse_ignored
 
@@ -230,7 +231,7 @@ def judge_vs_verifier(ro, g, regions, ro_per_s, a, log):
             f"candidates: {len(g)} ({ro_per_s:.1f}/s) | global reward mean {stats['mean']:.3f} | oracle success "
             f"{correct.mean():.3f} | judge vs verifier, corr: g {evaluate.fmt_p(rec['g_vs_correct'])}, regions "
             f"{evaluate.fmt_p(rec['region_vs_ideal'])}")
-    evaluate.histogram_png(R.histogram((g + 1) / 2), os.path.join(a["out"], "reward_hist.png"),
+    pictures.histogram_png(R.histogram((g + 1) / 2), os.path.join(a["out"], "reward_hist.png"),
                            f"srum global reward (g + 1) / 2, judge {a['judge']}, {len(g)} candidates")
     return rec, stats, correct.astype(bool)
 
@@ -246,7 +247,7 @@ def draw_maps(ro, maps, Rtok, a, log):
     ok = R.oracle_binary([ro["spec"][i] for i in pick], [ro["image"][i] for i in pick])
     rows = [[ro["image"][i], gray(maps[i][1]), gray(np.kron(Rtok[i].reshape(world.W // s, -1), np.ones((s, s))))]
             for i in pick]
-    evaluate.grid(rows, os.path.join(a["out"], "reward_maps.png"), [ro["spec"][i]["prompt"] for i in pick],
+    pictures.grid(rows, os.path.join(a["out"], "reward_maps.png"), [ro["spec"][i]["prompt"] for i in pick],
                   [[bool(o), None, None] for o in ok])
     log.log(dict(phase="maps", token_reward_mean=float(Rtok.mean()), token_reward_std=float(Rtok.std()),
                  token_reward_min=float(Rtok.min())),

@@ -56,6 +56,7 @@ import model as M
 import rewards as R
 import runs
 import evaluate
+import pictures
 from common import setup_dist, teardown_dist, ddp, all_sum, update, finite, atomic_torch_save, parse_args, check_model_dir
 
 defaults = dict(
@@ -243,7 +244,7 @@ def main(argv=None):
         if rank == 0 and (step + 1 == a["steps"] or step == start):
             # source | reconstruction, the caption and its reward at the left (green: scene F1 = 1)
             k = min(len(y), 8)
-            evaluate.grid([[xs[i], x_hat[i]] for i in range(k)], os.path.join(a["out"], f"rollouts_step{step + 1}.png"),
+            pictures.grid([[xs[i], x_hat[i]] for i in range(k)], os.path.join(a["out"], f"rollouts_step{step + 1}.png"),
                           [f"{world.decode(y[i])} (R {r[i]:.2f}, scene F1 {sf[i]:.2f})" for i in range(k)],
                           [[None, bool(sf[i] == 1)] for i in range(k)])
         if (step + 1) % a["ckpt_every"] == 0 or step + 1 == a["steps"]:
@@ -286,7 +287,7 @@ def curves(out):
     """reward, exact scene F1 and caption length over training -> curves.png"""
     recs = [json.loads(l) for l in open(os.path.join(out, "metrics.jsonl")) if '"phase": "train"' in l]
     xs = [r["step"] for r in recs]
-    evaluate.curve_png({k: (xs, [r[k] for r in recs]) for k in ("reward", "scene_f1", "caption_len", "caption_f1", "kl")},
+    pictures.curve_png({k: (xs, [r[k] for r in recs]) for k in ("reward", "scene_f1", "caption_len", "caption_f1", "kl")},
                        os.path.join(out, "curves.png"), "unified-grpo")
 
 
