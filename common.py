@@ -146,8 +146,8 @@ def run_files(out):
 def claim_run_dir(out, resume, overwrite, script, inputs=(), fix=None):
     """A run folder that already holds a run is written into only when told: --resume continues
     it, --overwrite starts again there, after removing the old run (run_files). Anything else raises
-    before any work starts. inputs: checkpoints this call reads (an --overwrite that would remove one
-    is refused); fix: the way out to name instead of --resume / --overwrite (evaluate.py offers neither)."""
+    before any work starts. inputs: files (or checkpoints, without extension) this call reads: an
+    --overwrite that would remove one is refused; fix: the way out to name instead of --resume / --overwrite (evaluate.py offers neither)."""
     held = [f for f in ("config.json", "metrics.jsonl", "state.pt", "ckpt.json") if os.path.exists(os.path.join(out, f))]
     if dist.is_initialized():
         dist.barrier()          # every rank has looked before rank 0 writes its config: all agree
@@ -159,7 +159,7 @@ def claim_run_dir(out, resume, overwrite, script, inputs=(), fix=None):
         files, evals = run_files(out)
         gone = {os.path.abspath(f) for f in files}
         for p in inputs:
-            if p and {os.path.abspath(p + e) for e in (".json", ".safetensors")} & gone:
+            if p and {os.path.abspath(p + e) for e in ("", ".json", ".safetensors")} & gone:
                 raise ValueError(f"--overwrite {out} would remove {p}, which this call reads; copy it elsewhere "
                                  f"first or pass another --out ({script})")
         if not dist.is_initialized() or dist.get_rank() == 0:

@@ -59,7 +59,8 @@ import torch.nn.functional as F
 import world
 import model as M
 from kernels.loss import velocity_loss
-from common import setup_dist, teardown_dist, ddp, all_sum, finite, claim_run_dir, atomic_torch_save, Logger, parse_args
+from common import setup_dist, teardown_dist, ddp, all_sum, finite, claim_run_dir, atomic_torch_save, Logger, parse_args, \
+    refuse_ignored
 
 defaults = dict(
     stage="umm", out="runs/base", ae="runs/ae/ckpt", init_from="", resume=False, overwrite=False,
@@ -71,7 +72,7 @@ defaults = dict(
 )
 choices = dict(stage=("ae", "umm"), dtype=("fp32", "bf16"))
 ranges = dict(depth=">= 1", batch=">= 1", steps=">= 1", lr="> 0", warmup=">= 1", cooldown="0..1", wd=">= 0", clip="> 0",
-              ema="0..1", t_shift="> 0", cfg_drop="0..1", workers=">= 0", log_every=">= 1", ckpt_every=">= 1",
+              ema="0..<1", t_shift="> 0", cfg_drop="0..1", workers=">= 0", log_every=">= 1", ckpt_every=">= 1",
               eval_every=">= 0", eval_n=">= 1", minutes=">= 0", max_minutes=">= 0", stop_after=">= 0", ae_steps=">= 1",
               own_n=">= 0", own_frac="0..1", own_reflect="0..1", caption_detail="0..1", own_batch=">= 1", ae_minutes=">= 0", ae_batch=">= 1", ae_width=">= 8", ae_lr="> 0", ae_noise=">= 0")
 MIX = dict(t2i=0.24, think=0.2, caption=0.1, vqa=0.16, judge=0.07, region=0.07, reflect=0.1, fact=0.06,
@@ -398,7 +399,7 @@ def train_ae(a, device, log):
     torch.manual_seed(a["seed"])
     ae = M.PaletteAE(8, a["ae_width"]).to(device)
     if a["ae_init"]:                           # continue an autoencoder (fresh optimizer, same latent layout)
-        ae = M.load_weights(a["ae_init"], device)[1]
+        ae = M.load_weights(a["ae_init"], device, flag="--ae_init")[1]
         ae.lat_mean.zero_(); ae.lat_std.fill_(1.0)   # re-measured at the end
     opt = torch.optim.AdamW(ae.parameters(), lr=a["ae_lr"], weight_decay=0.0)
     it = iter(torch.utils.data.DataLoader(AEStream(a["seed"], a["ae_batch"]), batch_size=None,
@@ -442,11 +443,14 @@ def main(argv=None):
     if a["own_reflect"] and not a["own_n"]:
         raise ValueError(f"--own_reflect {a['own_reflect']} shows the model's own images, and there are none: "
                          f"add --own_n N (e.g. --own_n 2048) to draw them, or drop --own_reflect")
+    if not a["own_n"]:              # no pool of the model's own images: nothing for --own_frac to mix in
+        refuse_ignored(a, defaults, "--own_n 0", ("own_frac",))
     rank, world_size, local, device = setup_dist()
     if a["batch"] % world_size:
         raise ValueError(f"--batch {a['batch']} must be divisible by the number of processes ({world_size})")
     # a folder that holds a run is continued (--resume) or replaced (--overwrite), never silently
-    claim_run_dir(a["out"], a["resume"], a["overwrite"], "pretrain.py")
+    claim_run_dir(a["out"], a["resume"], a["overwrite"], "pretrain.py",
+                  inputs=(a["ae_init"],) if a["stage"] == "ae" else (a["init_from"] or a["ae"],))
     log = Logger(a["out"], rank, resume=a["resume"])
     # SIGTERM (a scheduler's or a user's `kill`, forwarded to every rank by torchrun) ends the run
     # after the step in flight, with a checkpoint: continue it with --resume
@@ -463,10 +467,10 @@ def main(argv=None):
     torch.manual_seed(a["seed"])
     cfg = M.config_for(a["depth"], len(world.VOCAB))
     if a["init_from"]:
-        umm, ae, meta0 = M.load_weights(a["init_from"], device)
+        umm, ae, meta0 = M.load_weights(a["init_from"], device, flag="--init_from")
         cfg = umm.c
     else:
-        _, ae, _ = M.load_weights(a["ae"], device)
+        _, ae, _ = M.load_weights(a["ae"], device, flag="--ae")
         umm = M.MoT(cfg).to(device)
     ae.requires_grad_(False).eval()
     ema = {k: v.detach().clone().float() for k, v in umm.state_dict().items()}

@@ -4,8 +4,10 @@ functions, no framework. Each method's main() reads as its paper's steps and cal
 around them:
 
   load_umm          a UMM checkpoint (model.load_weights checks every file; this refuses AE-only ones)
-  open_run          the run folder: refuses a folder that holds a run unless --resume or --overwrite,
-                    writes config.json, returns the metrics log (resumed: replayed records dropped)
+  open_run          the run folder: refuses a folder that holds a run unless --resume (same config and
+                    process count) or --overwrite (the old run's files go first), checks --reuse DIR,
+                    writes config.json (+ world_size), returns the metrics log (resumed: replayed records dropped)
+  check_prompts     before any model work: a share of the prompts per process, the longest sample fits --row_len
   start             what every run does before its method's own steps: the saved rollouts of --reuse DIR
                     or --resume (saved_rollouts: checked to match this run on every setting that made
                     them), the before-eval (begin), and else fresh rollouts (evaluate.sample: batched,
@@ -72,7 +74,8 @@ def open_run(a, rank, script, what=None):
                              ", ".join(f"--{k} {old.get(k)}" for k in diff) + "; this call has " +
                              ", ".join(f"--{k} {a[k]}" for k in diff) + ": pass the same values (or drop them)")
         check_processes(old, out, "--resume")
-    claim_run_dir(out, a.get("resume"), a.get("overwrite"), script, inputs=(a.get("ckpt"),))
+    claim_run_dir(out, a.get("resume"), a.get("overwrite"), script,
+                  inputs=(a.get("ckpt"), rollout_file(a["reuse"], rank, what) if a.get("reuse") and what else None))
     log = Logger(out, rank, resume=a.get("resume"))      # --overwrite: a new run does not append to the old log
     if rank == 0 and not a.get("resume"):
         # world_size: each process draws and resumes its own share (its prompts, its RNG streams)

@@ -215,6 +215,7 @@ def test_caption_round_trip():
         text = world.decode(world.encode(world.caption(scene)))
         parsed = world.parse_caption(text)
         assert parsed is not None and len(parsed) == len(scene)
+        assert all(p.pop("centre") is None for p in parsed)         # the short form carries no centre
         assert sorted(map(repr, [tuple(p.values()) for p in parsed])) == \
             sorted(map(repr, [(o["shape"], o["color"], o["size"], world.GRID[world._cell(o["box"])[0]][world._cell(o["box"])[1]], o.get("text")) for o in scene]))
         assert world.caption_score(text, scene) == 1.0

@@ -927,8 +927,8 @@ def reflection_text(spec, img_or_verdict, target_scene, where=None):
 # -----------------------------------------------------------------------------
 # prompt files
 
-MAX_PROMPT = 64     # tokens: the world's prompts have at most 12; a method's packed row (160 tokens) holds
-                    # <bos> prompt <think> plan <vs> and 16 image tokens
+MAX_PROMPT = 64     # tokens: the world's own prompts have at most 10; a method's packed row (160 tokens)
+                    # holds <bos> prompt <think>, a 64-token plan, <vs> and 16 image tokens
 
 def load_specs(path, training=False):
     """Read a JSONL prompt file (UTF-8, with or without a byte-order mark); every bad line raises
@@ -962,7 +962,7 @@ def load_specs(path, training=False):
             if not isinstance(p, str) or len(p) > 16 * MAX_PROMPT or len(tokenize(p)) > MAX_PROMPT:
                 what = f"a {type(p).__name__}" if not isinstance(p, str) else f"{len(tokenize(p))} tokens ({len(p)} characters)"
                 raise ValueError(f"{where}: the prompt is {what}; a prompt is a string of at most {MAX_PROMPT} tokens "
-                                 f"(the world's own have at most 12): shorten it")
+                                 f"(the world's own have at most 10): shorten it")
             encode(p, where)
             spec.setdefault("exclude", [])
             _check_items(spec, where)
