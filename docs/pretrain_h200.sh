@@ -3,10 +3,13 @@
 # show the model's own drawings as image1 (--own_reflect 0.5), then the IRG eval of the start, A and B
 # on the GPU (all 600 eval prompts, seeds 0-1). Arm A is data/base; its log is data/curves/v4_h200.jsonl.
 # Another pair of arms from another start: INIT=data/base ARM_A="..." ARM_B="..." bash docs/pretrain_h200.sh
+# (an arm's own --mix in ARM_A / ARM_B replaces MIX: the last flag wins). The detail-and-edit arm:
+#   ARM_A="--own_reflect 0.5 --caption_detail 0.05 --mix t2i=0.05,think=0.10,caption=0.12,vqa=0.20,judge=0.08,region=0.04,reflect=0.08,fact=0.05,edit=0.14,redraw=0.14" \
+#   ARM_B="--own_reflect 0.5" bash docs/pretrain_h200.sh    # both checkpoints come back in $OUT; the evals run as time allows (DEADLINE)
 set -o pipefail
 export PYTHONUNBUFFERED=1 OMP_NUM_THREADS=1
 nvidia-smi -L; python3 -c "import torch, triton; print(torch.__version__, triton.__version__, torch.cuda.get_device_name())"
-MIX="t2i=0.06,think=0.12,caption=0.14,vqa=0.26,judge=0.10,region=0.04,reflect=0.20,fact=0.08"
+MIX=${MIX:-"t2i=0.06,think=0.12,caption=0.14,vqa=0.26,judge=0.10,region=0.04,reflect=0.20,fact=0.08"}
 INIT=${INIT:-data/base}
 P="--init_from $INIT --batch ${BATCH:-512} --lr 1e-4 --warmup 100 --cooldown 0.3 --ema 0.998 --dtype bf16 --own_n ${OWN_N:-16384} --own_batch 2048
    --own_frac 0.3 --und_transfer --mix $MIX --seed 11 --minutes ${MINUTES:-4.5} --max_minutes ${MAX_MINUTES:-5.5} --workers 7 --log_every 100
@@ -28,4 +31,5 @@ print('$1 $f', {k: round(v, 3) for k, v in d.items() if isinstance(v, (int, floa
 for c in $INIT runs/gA/ckpt runs/gB/ckpt; do ev irg_$(basename $(dirname $c))_s0 $E --ckpt $c --seed 0; done
 for c in $INIT runs/gA/ckpt runs/gB/ckpt; do ev std_$(basename $(dirname $c)) --n ${EVAL_N:-50} --k 2 --auroc ${AUROC:-40} --batch 600 --ckpt $c; done
 for c in $INIT runs/gA/ckpt runs/gB/ckpt; do ev irg_$(basename $(dirname $c))_s1 $E --ckpt $c --seed 1; done
+for c in $INIT runs/gA/ckpt runs/gB/ckpt; do ev detail_$(basename $(dirname $c)) --modes "" --und 0 --detail 200 --edits 20 --ckpt $c; done
 tar czf $OUT/evals.tgz runs/ev runs/ev_*.log 2>/dev/null
