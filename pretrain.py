@@ -5,7 +5,7 @@ Two stages, one file:
   --stage ae   the palette autoencoder (the frozen-VAE analog) on world renders
   --stage umm  the MoT on the task mixture below, the autoencoder frozen
 
-Launch (exact recipe of the shipped base: README "Pre-training"):
+Launch (the commands behind the shipped base: RESULTS.md "The shipped base" and docs/LOG.md):
   python pretrain.py --stage ae  --out runs/ae
   python pretrain.py --stage umm --ae runs/ae/ckpt --out runs/base
   torchrun --nproc_per_node=2 pretrain.py --stage umm ...      (DDP; same global batch)

@@ -474,3 +474,17 @@ def test_every_readme_command_parses():
         a = parse_args(mod.defaults, argv, mod.__doc__, getattr(mod, "choices", None), getattr(mod, "ranges", None))
         if script == "pretrain.py":
             mod.parse_mix(a["mix"])
+
+
+def test_every_readme_code_name_exists():
+    """The paper-to-code tables name functions (`module.name`), not line numbers: each one must exist."""
+    import importlib
+    import re
+    text = open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "README.md")).read()
+    mods = ("world", "model", "pretrain", "rwr", "srum", "unified_grpo", "irg", "evaluate", "pictures", "rewards", "runs",
+            "common", "kernels.loss", "kernels.attention")
+    names = set(re.findall(r"`((?:%s)\.\w+)" % "|".join(re.escape(m) for m in mods), text)) - {m + ".py" for m in mods}
+    assert len(names) >= 25, names
+    for n in sorted(names):
+        mod, attr = n.rsplit(".", 1)
+        assert hasattr(importlib.import_module(mod), attr), n

@@ -25,7 +25,7 @@ The method (paper sections 2.1-2.2 and its appendix), each step:
               understanding tower; clip: a local CLIP) or the exact scene F1 of the detector (--reward
               scene, the default: no real CLIP exists here, and the offline tower's cosine agrees with
               the exact match only weakly within a group -- correlation 0.29 -- where GRPO reads it;
-              12 steps on it lowered the bench's caption F1, README "Unified-GRPO")
+              12 steps on it lowered the bench's caption F1, docs/LOG.md, 2026-11-25)
   5. GRPO     A_i = (R_i - mean_k R_k) / std_k R_k                                    (paper 2.1)
               r_t^(i)(phi) = pi_phi(y_t | x, y_<t) / pi_phi_old(y_t | x, y_<t)
               J(phi) = 1/G sum_i 1/T_i sum_t [ min(r_t A_i, clip(r_t, 1-eps, 1+eps) A_i) - beta D_KL ]   (Eq. 1-2)
@@ -64,7 +64,7 @@ defaults = dict(
     # rollouts: G captions per image at T = 1 (paper), each redrawn by the frozen decoder
     images=16, G=4, temperature=1.0, max_caption=48, sample_steps=10, cfg=4.0, shift=3.0, shared_noise=True,
     reward="scene", clip_path="",
-    # GRPO (paper: G 4, beta 1e-6, lr 1e-6 at its scale; lr here chosen by measurement, README)
+    # GRPO (paper: G 4, beta 1e-6, lr 1e-6 at its scale; lr here chosen by measurement, docs/LOG.md)
     params="und", steps=30, mu=2, lr=5e-5, eps=0.2, beta=1e-6, clip=1.0, ckpt_every=5,
     # evaluation before / after: GenEval-style (eval_n prompts per tag x eval_k) and Unified-Bench
     eval_n=8, eval_k=2, bench_n=48, gen_batch=64,
