@@ -358,7 +358,6 @@ def caption_eval(model, ae, n, device, seed=CAPTION_SEED, batch=128, log=print):
 
 
 DETAIL_SEED = 5551212                             # --detail / --edits: fresh scenes and prompts of their own
-IMAGE_TAGS = [t for t in world.TAGS if t not in ("knowledge", "counting_hard")]   # the tags pre-training draws
 
 
 @torch.no_grad()
@@ -409,7 +408,7 @@ def edit_eval(model, ae, n, s, device, seed=DETAIL_SEED, batch=64, log=print):
     rng, g = np.random.default_rng(seed + 1), torch.Generator(device).manual_seed(seed + 1)
     enc, end = world.encode, [M.END_THINK, M.VS]
     jobs = []                                   # (spec, think1, image1, think2, target, edited box or None)
-    for tag in IMAGE_TAGS:
+    for tag in world.IMAGE_TAGS:
         for _ in range(n):
             spec = world.sample_spec(tag, rng, holdout="train")
             img, scene = world.render(spec, rng, holdout="train")

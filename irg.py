@@ -74,7 +74,6 @@ STAGE_WEIGHTS = {1: dict(initial_full=1.0, improving_full=1.0, initial_thinking_
 # settings that make the IRGL data and the base's evals: a --resume must match them (runs.saved_rollouts)
 MADE_WITH = ("ckpt", "seed", "n_prompts", "N", "n_flaw", "n_edit", "n_init", "near", "temperature", "max_think",
              "sample_steps", "cfg_text", "cfg_text2", "cfg_img", "cfg_lo1", "cfg_lo2", "shift", "eval_n", "eval_k")
-IMAGE_TAGS = [t for t in world.TAGS if t not in ("knowledge", "counting_hard")]   # pre-training's image tags
 
 
 # ----------------------------------------------------------------------------- inference
@@ -106,7 +105,7 @@ def train_specs(a):
     """Training prompts: world.candidates (never an eval prompt) of pre-training's image tags, no
     held-out composition (those are for the eval, as in pre-training)."""
     pool = world.candidates(a["n_prompts"], np.random.default_rng(20_000 + a["seed"]))
-    return [s for s in pool if s["tag"] in IMAGE_TAGS and not world.uses_heldout(s)]
+    return [s for s in pool if s["tag"] in world.IMAGE_TAGS and not world.uses_heldout(s)]
 
 
 def build_irgl(model, ae, specs, a, device, log):

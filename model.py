@@ -896,6 +896,15 @@ def noise_velocity(model, cache, x, t):
     return model.velocity(model(b, cache))
 
 
+def force_text(model, cache, seqs):
+    """Teacher-force ragged token lists into the cache, one column at a time as decode_text writes
+    its samples (a row that has ended is not live)."""
+    dev = cache.pos.device
+    for j in range(max(len(x) for x in seqs)):
+        live = torch.tensor([len(x) > j for x in seqs], device=dev)
+        append_text(model, cache, torch.tensor([[x[j] if len(x) > j else PAD] for x in seqs], device=dev), live)
+
+
 def force_switch(model, cache, toks):
     """Rows that stopped without <|vision_start|> (hit <eos> or the length cap) are switched by force."""
     sw = torch.tensor([len(t) > 0 and t[-1] == VS for t in toks], device=cache.pos.device)
@@ -978,9 +987,7 @@ def second_given(model, ae, prompts, t1, img1, t2, s, palette, generator=None):
     text_unc = fork(cache)
     append_text(model, text_unc, torch.full((B, 1), VS, device=dev))
     append_text(model, cache, torch.full((B, 1), THINK, device=dev))
-    for j in range(max(len(x) for x in t2)):      # ragged think2s, one column at a time as decode_text writes them
-        live = torch.tensor([len(x) > j for x in t2], device=dev)
-        append_text(model, cache, torch.tensor([[x[j] if len(x) > j else PAD] for x in t2], device=dev), live)
+    force_text(model, cache, t2)
     return ae.decode(draw_second(model, cache, text_unc, prompts, t1, t2, s, generator), palette).cpu().numpy()
 
 

@@ -127,12 +127,11 @@ def parse_mix(text):
     return mix
 
 
-IMAGE_TAGS = [t for t in world.TAGS if t not in ("knowledge", "counting_hard")]
 
 
 # ----------------------------------------------------------------------------- data
 
-def train_spec(rng, banned, tags=IMAGE_TAGS):
+def train_spec(rng, banned, tags=world.IMAGE_TAGS):
     """A prompt spec for an image-bearing task: training compositions only, never an eval prompt."""
     while True:
         spec = world.sample_spec(tags[rng.integers(len(tags))], rng, holdout="train")
@@ -160,7 +159,7 @@ def make_sample(task, rng, banned, own=None, und_transfer=False, caption_detail=
         cap = world.caption(scene, rng.random() < REDRAW_DETAIL)
         return [("text", [M.BOS, M.THINK] + enc(cap) + [M.END_THINK, M.VS], 0), ("img_noise", world.draw(scene))]
     und = task in ("vqa", "judge", "region")
-    spec = train_spec(rng, banned, world.TAGS if und and und_transfer else IMAGE_TAGS)
+    spec = train_spec(rng, banned, world.TAGS if und and und_transfer else world.IMAGE_TAGS)
     if task in ("t2i", "think"):
         img, scene = world.render(spec, rng, holdout="train")
         if task == "t2i":
@@ -197,11 +196,8 @@ def make_sample(task, rng, banned, own=None, und_transfer=False, caption_detail=
         target, scene = world.render(spec, rng, holdout="train")
         if not mine:
             flawed = target if rng.random() < 0.25 else world.negative(spec, rng, holdout="train")[0]
-        v = world.verify(spec, flawed)
-        fix = world.reflection_text(spec, v, scene)           # the verifier's verdict on image1, then the plan
-        t1 = enc(world.plan_text(scene)) + [M.END_THINK, M.VS]
-        return [("text", [M.BOS] + enc(spec["prompt"]) + [M.THINK], 0), ("text", t1, 1.0), ("img_clean", flawed),
-                ("text", [M.VE, M.THINK], 0), ("text", enc(fix) + [M.END_THINK, M.VS], 1.0), ("img_noise", target)]
+        fix = world.reflection_text(spec, flawed, scene)      # the verifier's verdict on image1, then the plan
+        return reflect_segments(spec, scene, flawed, fix, target)
     if task == "edit":
         return edit_sample(spec, rng, own)
     raise ValueError(task)
@@ -217,16 +213,17 @@ def edit_sample(spec, rng, own):
         v = world.verify(own["specs"][j], own["images"][j])
         if v["correct"]:
             spec, img1, scene = own["specs"][j], own["images"][j], v["objects"]
-            return edit_segments(spec, scene, img1, world.reflection_text(spec, v, scene), img1)
+            return reflect_segments(spec, scene, img1, world.reflection_text(spec, v, scene), img1)
     img2, scene = world.render(spec, rng, holdout="train")
     edit = world.edit_flaw(spec, scene, rng) if rng.random() < 2 / 3 else None
     if edit is None:                                    # kept: image2 is image1, to the pixel
-        return edit_segments(spec, scene, img2, world.reflection_text(spec, world.verify(spec, img2), scene), img2)
+        return reflect_segments(spec, scene, img2, world.reflection_text(spec, img2, scene), img2)
     img1, _, edited = edit
-    return edit_segments(spec, scene, img1, world.reflection_text(spec, img1, scene, where=edited["box"]), img2)
+    return reflect_segments(spec, scene, img1, world.reflection_text(spec, img1, scene, where=edited["box"]), img2)
 
 
-def edit_segments(spec, scene, img1, think2, img2):
+def reflect_segments(spec, scene, img1, think2, img2):
+    """The reflect / edit sequence: <bos> P <think> plan <vs> [img1 clean] <ve> <think> think2 <vs> [img2 noise]."""
     enc = world.encode
     return [("text", [M.BOS] + enc(spec["prompt"]) + [M.THINK], 0), ("text", enc(world.plan_text(scene)) + [M.END_THINK, M.VS], 1.0),
             ("img_clean", img1), ("text", [M.VE, M.THINK], 0), ("text", enc(think2) + [M.END_THINK, M.VS], 1.0),

@@ -373,6 +373,6 @@ def test_evaluate_py_detail_and_edits(tiny_ckpt, tmp_path):
     d, e = s["detail"], s["edits"]
     assert d["n"] == 4 and all(0 <= d[k] <= 1 for k in ("iou_short", "iou_detailed", "f1_short"))
     assert d["detail_share_t1"] is None or 0 <= d["detail_share_t1"] <= 1       # a random model's captions may not parse
-    assert e["n_kept"] == len(evaluate.IMAGE_TAGS) and 0 < e["n_flawed"] <= e["n_kept"]
+    assert e["n_kept"] == len(world.IMAGE_TAGS) and 0 < e["n_flawed"] <= e["n_kept"]
     assert all(0 <= e[k] <= 1 for k in ("kept_changed", "fixed", "fixed_rest_kept", "fresh_right"))
     assert json.load(open(tmp_path / "summary.json"))["edits"] == e

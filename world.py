@@ -49,6 +49,7 @@ GRID = [["top left", "top", "top right"], ["left", "center", "right"],
 COUNT_WORDS = {1: "one", 2: "two", 3: "three", 4: "four", 5: "five", 6: "six"}
 TAGS = ["single_object", "two_object", "counting", "colors", "position", "color_attr",
         "size", "counting_hard", "color_count", "color_region", "text", "knowledge"]
+IMAGE_TAGS = [t for t in TAGS if t not in ("knowledge", "counting_hard")]   # the tags pre-training draws images of
 GAP = 3         # min background px between objects: survives blur sigma 1 without merging
 NUMBER_GAP = 7  # a number keeps further away than the digit grouping reach (6 px)
 
