@@ -478,12 +478,24 @@ def self_judgment(model, ae, n, a, device, seed=4321):
     specs = [world.sample_spec(t, rng, holdout="any") for t in world.TAGS for _ in range(n)]
     correct, _, imgs, _ = gen_scores(model, ae, specs, "think", dict(a, k=1), device)
     vqa = R.SelfVQA(model, ae, device)(specs, imgs)
-    g, _ = R.SelfJudge(model, ae, device, k=0).judge(specs, imgs)
+    g, regions = R.SelfJudge(model, ae, device).judge(specs, imgs)
+    # the rubric's own scores on the same images and boxes (world.judge_scores, SRUM tables 7-8)
+    ideal = [world.judge_scores(s, im) for s, im in zip(specs, imgs)]
+    g_i = np.array([x for x, _ in ideal], np.float32)
+    s_j = np.array([x for r in regions for _, x in r], np.float32)
+    s_i = np.array([x for _, r in ideal for _, x in r], np.float32)     # the same boxes: detect, largest 5
+    grid = lambda x: np.array([float(world.format_score(v)) for v in x])  # noqa: E731
+    # the worst the judge says of an image: its global score or its lowest region score
+    worst = [min([gj] + [x for _, x in r]) for gj, r in zip(g, regions)]
     res = dict(n=len(specs), correct_rate=float(np.mean(correct)), auroc_vqa=auroc(vqa, correct),
-               auroc_judge=auroc(g, correct))
+               auroc_judge=auroc(worst, correct),
+               global_agree=float(np.mean(grid(g) == g_i)),
+               region_agree=float(np.mean(grid(s_j) == s_i)) if len(s_j) == len(s_i) and len(s_j) else None)
     fmt = lambda x: "n/a" if x is None else f"{x:.3f}"  # noqa: E731
     print(f"self-judgment on {len(specs)} fresh think-mode images ({res['correct_rate']:.3f} correct): "
-          f"AUROC self VQAScore {fmt(res['auroc_vqa'])}, self-judge global score {fmt(res['auroc_judge'])}")
+          f"AUROC self VQAScore {fmt(res['auroc_vqa'])}, self-judge (lowest of global and region scores) "
+          f"{fmt(res['auroc_judge'])}; the judge's scores on the rubric's grid equal the rubric's: global "
+          f"{fmt(res['global_agree'])}, regions {fmt(res['region_agree'])}")
     return res
 
 

@@ -219,7 +219,7 @@ def judge_vs_verifier(ro, g, regions, ro_per_s, a, log):
     """How well the judge agrees with the exact verifier on these very candidates (SRUM's premise:
     the model understands its images better than it draws them). Returns (record, reward stats)."""
     g_ideal, reg_ideal = (g, regions) if a["judge"] == "oracle" else R.oracle_judge(ro["spec"], ro["image"], k=a["top_k"])
-    correct = (g_ideal == 1).astype(np.float32)      # the ideal judge's g is 1 exactly when the verifier accepts
+    correct = R.oracle_binary(ro["spec"], ro["image"]).astype(np.float32)   # the verifier's verdict
     s_j = np.array([s for r in regions for _, s in r]); s_i = np.array([s for r in reg_ideal for _, s in r])
     corr = lambda x, y: float(np.corrcoef(x, y)[0, 1]) if len(x) > 1 and x.std() > 0 and y.std() > 0 else None  # noqa: E731
     stats = R.reward_stats((g + 1) / 2)

@@ -135,17 +135,36 @@ def test_strict_no_extra_objects():
     assert sorted(o["verdict"] for o in v["objects"]) == [-1, 1]
 
 
-def test_judge_scores_on_correct_render():
+def test_judge_scores_follow_srum_rubric():
+    """Tables 7-8: the global score judges the layout only (neutral 0 without a spatial clause), the
+    region scores are strict: 1 only for a right object, -0.5 for an asked class gone wrong, -1 extra."""
     rng = np.random.default_rng(6)
     for tag in TAGS:
         spec = world.sample_spec(tag, rng, "any")
         img, scene = world.render(spec, rng, "any")
         g, regions = world.judge_scores(spec, img)
-        assert g == 1.0 and len(regions) == min(5, len(world.detect(img)))
+        spatial = any("position" in it or "region" in it for it in spec["include"])
+        assert g == (1.0 if spatial else 0.0) and len(regions) == min(5, len(world.detect(img)))
         assert all(s == 1.0 for _, s in regions)
-        img, kind, _ = world.negative(spec, rng)
-        g, _ = world.judge_scores(spec, img)
-        assert g <= 0.5
+    spec = {"tag": "position", "prompt": "a photo of a square below a bar", "exclude": [],
+            "include": [{"class": "bar", "count": 1}, {"class": "square", "count": 1, "position": ["below", 0]}]}
+    def obj(shape, color, x, y):
+        w, h = world.shape_dims(shape, 12)
+        return dict(shape=shape, color=color, size="medium", text=None, box=(x, y, x + w, y + h))
+    right = world.draw([obj("bar", "red", 20, 10), obj("square", "blue", 24, 40)])
+    reversed_ = world.draw([obj("bar", "red", 20, 44), obj("square", "blue", 24, 8)])
+    no_anchor = world.draw([obj("square", "blue", 24, 40)])
+    extra = world.draw([obj("bar", "red", 20, 10), obj("square", "blue", 24, 40), obj("circle", "green", 2, 2)])
+    assert world.judge_scores(spec, right)[0] == 1.0
+    g, regions = world.judge_scores(spec, reversed_)
+    assert g == -0.5 and sorted(s for _, s in regions) == [-0.5, 1.0]   # the square is in the wrong place
+    assert world.judge_scores(spec, no_anchor)[0] == -1.0                # nothing to place it below
+    g, regions = world.judge_scores(spec, extra)
+    assert g == 1.0 and sorted(s for _, s in regions) == [-1.0, 1.0, 1.0]
+    color = {"tag": "colors", "prompt": "a photo of a red square", "exclude": [],
+             "include": [{"class": "square", "count": 1, "color": "red"}]}
+    g, regions = world.judge_scores(color, world.draw([obj("square", "blue", 24, 24)]))
+    assert g == 0.0 and [s for _, s in regions] == [-0.5]
 
 
 def test_scores_text():

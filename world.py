@@ -815,8 +815,8 @@ def caption_score(text, scene):
 def vqa_question(prompt):
     return f'does this figure show " {prompt} " ? please answer yes or no .'
 
-def global_judge_prompt(prompt):  # SRUM Table 7 (global layout reward), in the world's words
-    return f'judge the whole image for the prompt " {prompt} " : objects , colors , counts and layout . give a score from - 1 to 1 .'
+def global_judge_prompt(prompt):  # SRUM Table 7 (global layout reward), in the world's words: the layout only
+    return f'judge the layout of the whole image for the prompt " {prompt} " . give a score from - 1 to 1 .'
 
 def region_judge_prompt(prompt, box):  # SRUM Table 8 (per-region reward), one region per query
     x0, y0, x1, y1 = (min(W - 1, max(0, int(v))) for v in box)
@@ -837,12 +837,34 @@ def parse_score(text):
     return max(-1.0, min(1.0, float(m.group(1)))) if m else None
 
 def judge_scores(spec, img):
-    """The ideal judge: (g, [(box, s_i)] for the 5 largest detected objects). g = 2*soft-1
-    on the score grid, 1 only when fully correct; s_i = the object's verdict (+1/-1)."""
+    """The ideal judge on SRUM's rubric (paper tables 7-8, on the 5-point SCORE_GRID):
+    (g, [(box, s_i)] for the 5 largest detected objects).
+    g, the global score, judges the layout only (table 7), from the spec's spatial clauses (a relation
+    "left of", a region "in the top half"):
+       1     every spatial clause holds                    (perfect alignment with the spatial intent)
+       0.5   some hold, some do not                        (mostly correct layout, minor flaws)
+      -0.5   none holds, its objects all drawn             (incorrect layout: the paper's reversed relation, -0.7)
+      -1     none holds, an object it places is missing    (fundamentally contradicts the intent)
+       0     the prompt has no spatial clause              (neutral: nothing to arrange)
+    s_i, a region's score, on the strict scale (table 8):
+       1     the object is what its prompt item asks for, where it asks (full marks only beyond doubt)
+      -0.5   an object of an asked class with a wrong colour, size, digit, region or place (severe flaw)
+      -1     an object no item asks for (an extra or excluded one: it contradicts the prompt)"""
     v = verify(spec, img)
-    g = 1.0 if v["correct"] else min(0.5, float(format_score(2 * v["soft"] - 1)))
+    layout = [(name, ok) for name, ok in v["checks"] if name.split(":")[0] in ("position", "region")]
+    if not layout:
+        g = 0.0
+    elif all(ok for _, ok in layout):
+        g = 1.0
+    elif any(ok for _, ok in layout):
+        g = 0.5
+    else:   # -1 when an item a failed clause places (or, for a relation, its anchor) has no object at all
+        placed = {int(n.split(":")[1]) for n, _ in layout}
+        placed |= {spec["include"][i]["position"][1] for i in placed if "position" in spec["include"][i]}
+        missing = {i for i, it in enumerate(spec["include"]) if sum(o.get("item") == i for o in v["objects"]) == 0}
+        g = -1.0 if placed & missing else -0.5
     top = sorted(v["objects"], key=lambda o: -o["area"])[:5]
-    return g, [(o["box"], float(o["verdict"])) for o in top]
+    return g, [(o["box"], 1.0 if o["verdict"] == 1 else -0.5 if o["item"] is not None else -1.0) for o in top]
 
 def plan_objects(text):
     """The objects a plan (caption) names, as detect would report them had the plan been drawn at its
