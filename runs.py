@@ -164,9 +164,9 @@ def start(model, ae, specs, a, rank, world_size, log, device, what, script):
 
 def eval_settings(a):
     """The before/after eval of a method run: its first eval_n prompts per tag, eval_k images each,
-    think mode, evaluate.py's sampler."""
+    think mode (and the forced switch where the method has --eval_modes think,forced), evaluate.py's sampler."""
     return world.pick(world.load_specs("data/eval.jsonl"), a["eval_n"]), \
-        dict(evaluate.defaults, k=a["eval_k"], modes="think", seed=a["seed"])
+        dict(evaluate.defaults, k=a["eval_k"], modes=a.get("eval_modes", "think"), seed=a["seed"])
 
 
 def begin(model, ae, a, saved, rank, log, device):
@@ -245,6 +245,10 @@ def finish(model, ae, before, eval_specs, ea, device, a, method, log, **extra):
                        f"| understanding | {before['und']:.3f} | {after['und']:.3f} |"])
     summary = dict(before=before["gen_think"], after=after["gen_think"], und_before=before["und"], und_after=after["und"],
                    **extra, per_tag={t: (before["per_tag"][t]["gen_think"], after["per_tag"][t]["gen_think"]) for t in tags})
+    if "gen_forced" in before and "gen_forced" in after:      # the second row: the forced switch (no plan)
+        table += f"\n| forced switch | {before['gen_forced']:.3f} | {after['gen_forced']:.3f} |"
+        summary.update(forced_before=before["gen_forced"], forced_after=after["gen_forced"],
+                       per_tag_forced={t: (before["per_tag"][t]["gen_forced"], after["per_tag"][t]["gen_forced"]) for t in tags})
     atomic_write(os.path.join(a["out"], "summary.json"), json.dumps(summary, indent=1))
     atomic_write(os.path.join(a["out"], "summary.md"), table + "\n")
     log.log(dict(phase="after", gen_think=after["gen_think"], und=after["und"]), table)
@@ -284,13 +288,23 @@ def report(root, label):
     # paired by seed: each run's before-eval and after-eval draw the same eval images, so the
     # gain over the base of that seed is the less noisy number
     seeds = sorted(rows["base"])
-    lines += ["| variant | " + " | ".join(f"s{k}" for k in seeds) + " | gain over base, per seed | median gain |",
-              "|---" * (len(seeds) + 3) + "|"]
-    for name, by_seed in rows.items():
-        gains = [by_seed[k]["overall"] - rows["base"][k]["overall"] for k in seeds if k in by_seed]
-        lines.append(f"| {name} | " + " | ".join(f"{by_seed[k]['overall']:.3f}" if k in by_seed else "" for k in seeds)
-                     + " | " + ("" if name == "base" else ", ".join(f"{g:+.3f}" for g in gains))
-                     + " | " + ("" if name == "base" else f"{np.median(gains):+.3f}") + " |")
+    for name, seed, s in runs:   # the forced-switch row, where every run of a variant measured it
+        if "forced_after" in s:
+            rows["base"][seed].setdefault("forced", s["forced_before"])
+            rows[name][seed]["forced"] = s["forced_after"]
+    for col, what in (("overall", "think mode"), ("forced", "forced switch")):
+        have = {n: r for n, r in rows.items() if all(col in v for v in r.values()) and n != "base"}
+        if not have:
+            continue
+        lines += [f"{what}: overall per seed, gains paired by seed", "",
+                  "| variant | " + " | ".join(f"s{k}" for k in seeds) + " | gain over base, per seed | median gain |",
+                  "|---" * (len(seeds) + 3) + "|"]
+        for name, by_seed in [("base", rows["base"])] + list(have.items()):
+            gains = [by_seed[k][col] - rows["base"][k][col] for k in seeds if k in by_seed]
+            lines.append(f"| {name} | " + " | ".join(f"{by_seed[k][col]:.3f}" if k in by_seed else "" for k in seeds)
+                         + " | " + ("" if name == "base" else ", ".join(f"{g:+.3f}" for g in gains))
+                         + " | " + ("" if name == "base" else f"{np.median(gains):+.3f}") + " |")
+        lines += [""]
     if all("hist" in s for _, _, s in runs):
         lines += ["", "| run | reward mean | bimodality | histogram (10 bins over [0, 1]) |", "|---|---|---|---|"]
         seen = set()      # variants trained on reused rollouts repeat their reward histogram: print it once

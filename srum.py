@@ -9,6 +9,7 @@ by region, and the judgments weight the flow-matching loss token by token.
   python srum.py --reuse runs/srum/s0_full --lambda_c 0 --out runs/srum/s0_no_kl     # same candidates and judgments
   python srum.py --reuse ... --reward_level sample | --binary | --no_global | --baseline sft   # the paper's ablations
   python srum.py --reuse ... --reward_map paper          # Eq. 1 as written: R in [-1, 1], repulsion where negative
+  python srum.py --reuse ... --context prompt            # the velocity trained on the prompt alone (the public code)
   python srum.py --report runs/srum                      # table over runs/srum/*: median and spread over seeds
   python srum.py --out runs/srum/x --resume              # continue a killed run from its last checkpoint
 
@@ -48,12 +49,13 @@ defaults = dict(
     judge="self", judge_score="mean", top_k=5, reward_map="code", reward_level="region", binary=False,
     no_global=False, baseline="none",
     # regression
-    lambda_c=0.5, train_steps=150, batch=32, lr=2.5e-5, warmup=10, clip=1.0, t_shift=1.0, cfg_drop=0.1, ckpt_every=25, row_len=160,
+    context="plan", lambda_c=0.5, train_steps=150, batch=32, lr=2.5e-5, warmup=10, clip=1.0, t_shift=1.0, cfg_drop=0.1, ckpt_every=25, row_len=160,
     # evaluation before / after on the held-out eval set
-    eval_n=20, eval_k=2, dtype="fp32",
+    eval_n=20, eval_k=2, eval_modes="think,forced", dtype="fp32",
 )
 choices = dict(judge=("self", "oracle"), judge_score=("mean", "mode"), reward_map=("code", "paper"),
-               reward_level=("region", "sample"), baseline=("none", "sft"), dtype=("fp32", "bf16"))
+               reward_level=("region", "sample"), baseline=("none", "sft"), context=("plan", "prompt"),
+               eval_modes=("think,forced", "think"), dtype=("fp32", "bf16"))
 ranges = dict(n_prompts=">= 0", N=">= 1", temperature=">= 0", max_think=">= 1", gen_batch=">= 1", sample_steps=">= 1",
               cfg=">= 0", shift="> 0", top_k=">= 1", lambda_c=">= 0", train_steps=">= 1", batch=">= 1", lr="> 0",
               warmup=">= 0", clip="> 0", t_shift="> 0", cfg_drop="0..1", ckpt_every=">= 1", row_len=">= 0", eval_n=">= 1", eval_k=">= 1")
@@ -94,9 +96,10 @@ def reward_map(g, regions, a):
 
 def label(c):
     """A run's row in the --report table, from its config.json."""
+    ctx = f", context {c.get('context', 'plan')}"
     if c["baseline"] == "sft":
-        return f"SFT ({c['prompts']})"
-    parts = [f"judge {c['judge']}"]
+        return f"SFT ({c['prompts']}{ctx})"
+    parts = [f"judge {c['judge']}", f"context {c.get('context', 'plan')}"]
     parts += ["sample-level" if c["reward_level"] == "sample" else f"map {c['reward_map']}"]
     parts += ["0-1"] * c["binary"] + ["no global"] * c["no_global"] + [f"lambda_c {c['lambda_c']:g}"]
     return f"SRUM ({', '.join(parts)})"
@@ -187,7 +190,9 @@ def main(argv=None):
             img = ("noise", x_t_cpu[i], t_list[i])
             if rng.random() < a["cfg_drop"]:   # CFG dropout, as in pre-training: <bos> <|vision_start|> [image]
                 samples.append([("text", [M.BOS, M.VS], 0), img])
-            else:                               # the candidate's own context: prompt, its plan, the switch
+            elif a["context"] == "prompt":      # the public code's: the prompt alone, the t2i format
+                samples.append([("text", [M.BOS] + world.encode(ro["spec"][j]["prompt"]) + [M.VS], 0), img])
+            else:                               # plan: the candidate's own context, prompt, its plan, the switch
                 prompt = [M.BOS] + world.encode(ro["spec"][j]["prompt"]) + [M.THINK]
                 forced = [] if ro["switched"][j] else [M.VS]
                 samples.append([("text", prompt + ro["think"][j] + forced, 0), img])

@@ -415,9 +415,24 @@ def test_srum_end_to_end_reuse_ablations_and_report(tiny_ckpt, tmp_path):
     srum.main(args + ["--out", str(tmp_path / "oracle"), "--reuse", str(out), "--judge", "oracle"])
     s3 = json.load(open(tmp_path / "oracle" / "summary.json"))
     assert s3["judge"]["g_vs_ideal"] in (None, 1.0) or abs(s3["judge"]["g_vs_ideal"] - 1) < 1e-6
+    assert 0 <= s["forced_before"] <= 1 and set(s["per_tag_forced"]) == set(s["per_tag"])   # the paper's second row
+    # --context prompt: the velocity is trained on <bos> prompt <vs> (or the CFG-dropped context), never a plan
+    packed, pack = [], M.pack
+    def spy(samples, *a, **k):
+        packed.extend(samples)
+        return pack(samples, *a, **k)
+    M.pack = spy
+    try:
+        srum.main(args + ["--out", str(tmp_path / "ctx"), "--reuse", str(out), "--context", "prompt", "--eval_modes", "think"])
+    finally:
+        M.pack = pack
+    texts = [seg[1] for smp in packed if smp[-1][0] == "noise" for seg in smp if seg[0] == "text"]
+    assert texts and all(M.THINK not in t and t[0] == M.BOS and t[-1] == M.VS for t in texts)
     rows = srum.main(["--report", str(tmp_path)])
-    assert set(rows) == {"base", "SRUM (judge self, map code, lambda_c 0.5)", "SFT (random)",
-                         "SRUM (judge oracle, map code, lambda_c 0.5)"}
+    assert set(rows) == {"base", "SRUM (judge self, context plan, map code, lambda_c 0.5)", "SFT (random, context plan)",
+                         "SRUM (judge oracle, context plan, map code, lambda_c 0.5)",
+                         "SRUM (judge self, context prompt, map code, lambda_c 0.5)"}
+    assert "forced switch: overall per seed" in open(tmp_path / "report.md").read()
     with pytest.raises(ValueError, match="--reward_map 'eq1': use one of"):
         srum.main(args + ["--out", str(tmp_path / "bad"), "--reward_map", "eq1"])
     with pytest.raises(ValueError, match="--N 2.*--N 3"):
