@@ -10,6 +10,7 @@ by region, and the judgments weight the flow-matching loss token by token.
   python srum.py --reuse ... --reward_level sample | --binary | --no_global | --baseline sft   # the paper's ablations
   python srum.py --reuse ... --reward_map paper          # Eq. 1 as written: R in [-1, 1], repulsion where negative
   python srum.py --reuse ... --context prompt            # the velocity trained on the prompt alone (the public code)
+  python srum.py --rounds 3 --train_steps 450            # fresh candidates every 150 steps, judged by the same frozen copy
   python srum.py --report runs/srum                      # table over runs/srum/*: median and spread over seeds
   python srum.py --out runs/srum/x --resume              # continue a killed run from its last checkpoint
 
@@ -49,7 +50,7 @@ defaults = dict(
     judge="self", judge_score="mean", top_k=5, reward_map="code", reward_level="region", binary=False,
     no_global=False, baseline="none",
     # regression
-    context="plan", lambda_c=0.5, train_steps=150, batch=32, lr=2.5e-5, warmup=10, clip=1.0, t_shift=1.0, cfg_drop=0.1, ckpt_every=25, row_len=160,
+    context="plan", lambda_c=0.5, train_steps=150, rounds=1, batch=32, lr=2.5e-5, warmup=10, clip=1.0, t_shift=1.0, cfg_drop=0.1, ckpt_every=25, row_len=160,
     # evaluation before / after on the held-out eval set
     eval_n=20, eval_k=2, eval_modes="think,forced", dtype="fp32",
 )
@@ -57,7 +58,7 @@ choices = dict(judge=("self", "oracle"), judge_score=("mean", "mode"), reward_ma
                reward_level=("region", "sample"), baseline=("none", "sft"), context=("plan", "prompt"),
                eval_modes=("think,forced", "think"), dtype=("fp32", "bf16"))
 ranges = dict(n_prompts=">= 0", N=">= 1", temperature=">= 0", max_think=">= 1", gen_batch=">= 1", sample_steps=">= 1",
-              cfg=">= 0", shift="> 0", top_k=">= 1", lambda_c=">= 0", train_steps=">= 1", batch=">= 1", lr="> 0",
+              cfg=">= 0", shift="> 0", top_k=">= 1", lambda_c=">= 0", train_steps=">= 1", rounds=">= 1", batch=">= 1", lr="> 0",
               warmup=">= 0", clip="> 0", t_shift="> 0", cfg_drop="0..1", ckpt_every=">= 1", row_len=">= 0", eval_n=">= 1", eval_k=">= 1")
 
 
@@ -131,43 +132,27 @@ def main(argv=None):
     saved, eval_specs, ea, before, ro, ro_per_s = runs.start(policy, ae, specs, a, rank, world_size, log, device,
                                                              "candidates", "srum.py")
 
-    # ---- 2-3. boxes (the detector) and judgments (a frozen copy of the model)
+    # ---- 2-3. boxes (the detector) and judgments (a frozen copy of the model, made before any step)
+    frozen = R.SelfJudge(policy, ae, device, score=a["judge_score"], k=a["top_k"]) if a["judge"] == "self" else None
+    def judge(ro):
+        t1 = time.time()
+        g, regions = frozen.judge(ro["spec"], ro["image"]) if frozen else R.oracle_judge(ro["spec"], ro["image"], k=a["top_k"])
+        log.log(dict(phase="judge", seconds=time.time() - t1, queries=len(g) + sum(map(len, regions))),
+                f"judged {len(g)} images and {sum(map(len, regions))} regions in {time.time() - t1:.0f}s")
+        finite("judgments", g=g, s=[s for r in regions for _, s in r])
+        return g, regions
     if saved and all(saved["args"][k] == a[k] for k in ("judge", "judge_score", "top_k")):
         g, regions = saved["g"], saved["regions"]
     else:
-        t1 = time.time()
-        if a["judge"] == "self":   # a frozen copy: training never moves the judge
-            g, regions = R.SelfJudge(policy, ae, device, score=a["judge_score"], k=a["top_k"]).judge(ro["spec"], ro["image"])
-        else:
-            g, regions = R.oracle_judge(ro["spec"], ro["image"], k=a["top_k"])
-        log.log(dict(phase="judge", seconds=time.time() - t1, queries=len(g) + sum(map(len, regions))),
-                f"judged {len(g)} images and {sum(map(len, regions))} regions in {time.time() - t1:.0f}s")
-    finite("judgments", g=g, s=[s for r in regions for _, s in r])
+        g, regions = judge(ro)
     if not saved:      # saved once, where they were made; ablations point --reuse here, --resume reads them
         atomic_torch_save(dict(args=a, ro=ro, g=g, regions=regions, rollouts_per_s=ro_per_s, before=before),
                           runs.rollout_file(a["out"], rank, "candidates"))
     judge_rec, stats, correct = judge_vs_verifier(ro, g, regions, ro_per_s, a, log)
 
     # ---- 4. reward maps over the image tokens (sft: R = 1 and no L_ref)
-    maps = [reward_map(float(gi), ri, a) for gi, ri in zip(g, regions)]
-    Rtok = np.stack([m[0] for m in maps]).astype(np.float32)             # [n_ro, 16]
-    lam = a["lambda_c"]
-    if a["baseline"] == "sft":
-        Rtok, lam = np.ones_like(Rtok), 0.0
-    runs.nothing_to_train(all_sum(float(np.abs(Rtok).sum())).item() + lam,
-                          "the reward maps are 0 on every token and --lambda_c is 0 (e.g. every judgment g = -1 "
-                          "scales each map to 0); give --lambda_c > 0")
-    # the map's contrast: a candidate's mean per-token weight in Eq. 3 (R + lambda_c), right over wrong by the
-    # verifier. What a weighted regression can move: RWR's exp(5 r) spans up to e^5 = 148x, SFT 1x.
-    w_img = Rtok.mean(1) + lam
-    contrast = float(w_img[correct].mean() / w_img[~correct].mean()) if correct.any() and (~correct).any() else None
-    judge_rec = dict(judge_rec, weight_right=float(w_img[correct].mean()) if correct.any() else None,
-                     weight_wrong=float(w_img[~correct].mean()) if (~correct).any() else None, contrast=contrast)
-    if rank == 0:
-        draw_maps(ro, maps, Rtok, a, log)
-        log.log(dict(phase="contrast", **{k: judge_rec[k] for k in ("weight_right", "weight_wrong", "contrast")}),
-                "map contrast: mean token weight %s on right candidates, %s on wrong ones: %sx"
-                % tuple(evaluate.fmt_p(judge_rec[k]) for k in ("weight_right", "weight_wrong", "contrast")))
+    Rtok, lam, weights = weigh(ro, g, regions, correct, a, log, rank)
+    judge_rec = dict(judge_rec, **weights)
 
     # ---- 5. the regression: L = mean(R * ||v - (eps - x0)||^2) + lambda_c * mean(||v - (eps - x0)||^2)
     raw = policy.train()
@@ -179,7 +164,16 @@ def main(argv=None):
     z_all = ae.encode(torch.as_tensor(np.stack(ro["image"]), device=device))   # x0_gt: the candidate, re-encoded
     per, n_ro = a["batch"] // world_size, len(ro["spec"])
     amp = torch.autocast(device.split(":")[0], dtype=torch.bfloat16, enabled=a["dtype"] == "bf16")
+    per_round, rnd, by_round = -(-a["train_steps"] // a["rounds"]), 0, [dict(round=0, **weights)]
     for step in range(start, a["train_steps"]):
+        if step // per_round != rnd:   # --rounds: fresh candidates from the policy as it is now, the same frozen judge
+            rnd = step // per_round
+            ro, g, regions = fresh_candidates(raw, ae, specs, rnd, judge, a, rank, world_size, log, device)
+            Rtok, lam, weights = weigh(ro, g, regions, R.oracle_binary(ro["spec"], ro["image"]), a, log, rank)
+            by_round.append(dict(round=rnd, oracle_success=float(R.oracle_binary(ro["spec"], ro["image"]).mean()), **weights))
+            z_all = ae.encode(torch.as_tensor(np.stack(ro["image"]), device=device))
+            n_ro = len(ro["spec"])
+            raw.train()
         idx = rng.choice(n_ro, per, replace=n_ro < per)
         # flow matching on the candidates: x_t = (1 - t) x0 + t eps, t = shift(sigmoid(randn))
         x0 = z_all[torch.as_tensor(idx, device=device)]
@@ -213,9 +207,55 @@ def main(argv=None):
     # ---- after: the same eval, the run folder
     if rank == 0:
         runs.finish(raw, ae, before, eval_specs, ea, device, a, "srum", log, reward=stats, hist=R.histogram((g + 1) / 2),
-                    rollouts_per_s=ro_per_s, judge=judge_rec, token_reward_mean=float(Rtok.mean()))
+                    rollouts_per_s=ro_per_s, judge=judge_rec, token_reward_mean=float(Rtok.mean()), rounds=by_round)
     policy = None          # the DDP wrapper goes before the process group (see common.teardown_dist)
     teardown_dist()
+
+
+def weigh(ro, g, regions, correct, a, log, rank):
+    """Step 4 for one set of candidates: the token weights R [n, 16] and lambda_c (sft: R = 1, no
+    L_ref), and what they weigh: the map's contrast (a candidate's mean per-token weight in Eq. 3,
+    R + lambda_c, right over wrong by the verifier; RWR's exp(5 r) spans up to e^5 = 148x, SFT 1x)
+    and the share of tokens that repel: R < 0 (L_r alone) and R + lambda_c < 0 (Eq. 3 as a whole)."""
+    maps = [reward_map(float(gi), ri, a) for gi, ri in zip(g, regions)]
+    Rtok = np.stack([m[0] for m in maps]).astype(np.float32)             # [n_ro, 16]
+    lam = a["lambda_c"]
+    if a["baseline"] == "sft":
+        Rtok, lam = np.ones_like(Rtok), 0.0
+    runs.nothing_to_train(all_sum(float(np.abs(Rtok).sum())).item() + lam,
+                          "the reward maps are 0 on every token and --lambda_c is 0 (e.g. every judgment g = -1 "
+                          "scales each map to 0); give --lambda_c > 0")
+    w_img, correct = Rtok.mean(1) + lam, np.asarray(correct, bool)
+    rec = dict(weight_right=float(w_img[correct].mean()) if correct.any() else None,
+               weight_wrong=float(w_img[~correct].mean()) if (~correct).any() else None,
+               negative_R=float((Rtok < 0).mean()), negative_weight=float((Rtok + lam < 0).mean()))
+    rec["contrast"] = rec["weight_right"] / rec["weight_wrong"] if None not in (rec["weight_right"], rec["weight_wrong"]) \
+        and rec["weight_wrong"] > 0 else None
+    if rank == 0:
+        draw_maps(ro, maps, Rtok, a, log)
+        log.log(dict(phase="contrast", **rec),
+                "map contrast: mean token weight %s on right candidates, %s on wrong ones: %sx; tokens with R < 0: %s, "
+                "with R + lambda_c < 0: %s" % tuple(evaluate.fmt_p(rec[k]) for k in
+                                                     ("weight_right", "weight_wrong", "contrast", "negative_R", "negative_weight")))
+    return Rtok, lam, rec
+
+
+def fresh_candidates(raw, ae, specs, rnd, judge, a, rank, world_size, log, device):
+    """--rounds: round rnd's candidates, N per prompt drawn by the policy as it stands (this rank's
+    share), and their judgments; saved as candidates_rRND, which --resume reads back."""
+    f = runs.rollout_file(a["out"], rank, f"candidates_r{rnd}")
+    if os.path.exists(f):
+        c = torch.load(f, weights_only=False)
+        return c["ro"], c["g"], c["regions"]
+    raw.eval()
+    gen = torch.Generator(device).manual_seed(1000 + a["seed"] * world_size + rank + 7919 * rnd)
+    with torch.no_grad():
+        ro = evaluate.sample(raw, ae, specs[rank::world_size], a["N"], "think", a, gen, a["gen_batch"], f"round {rnd} candidates")
+    g, regions = judge(ro)
+    atomic_torch_save(dict(ro=ro, g=g, regions=regions), f)
+    log.log(dict(phase="round", round=rnd, n=len(g), oracle_success=float(R.oracle_binary(ro["spec"], ro["image"]).mean())),
+            f"round {rnd}: {len(g)} fresh candidates, oracle success {R.oracle_binary(ro['spec'], ro['image']).mean():.3f}")
+    return ro, g, regions
 
 
 # ----------------------------------------------------------------------------- diagnostics (not the method)

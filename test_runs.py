@@ -443,3 +443,33 @@ def test_edit_and_redraw_samples_are_what_they_claim_and_leave_the_default_strea
         a = P.make_batch(0, step, 0, 32, banned, 0.1, 1.0, 32, 160, P.MIX)
         b = P.make_batch(0, step, 0, 32, banned, 0.1, 1.0, 32, 160, old)
         assert a["tasks"] == b["tasks"] and all(torch.equal(a[k], b[k]) for k in a if torch.is_tensor(a[k]))
+
+
+def test_srum_rounds_draw_fresh_candidates_and_a_killed_run_resumes_to_the_same_weights(ckpt, tmp_path, monkeypatch):
+    """--rounds 2: the second half of the steps trains on candidates the policy draws after the first
+    half, judged by the frozen copy of the base; killed in round 2, --resume reads round 2's saved
+    candidates and ends with the uninterrupted run's weights."""
+    import srum
+    args = ["--ckpt", ckpt, "--prompts", "random", "--n_prompts", "3", "--N", "2", "--train_steps", "4", "--rounds", "2",
+            "--batch", "4", "--eval_n", "1", "--eval_k", "1", "--sample_steps", "2", "--max_think", "6", "--ckpt_every", "1",
+            "--eval_modes", "think", "--lr", "1e-3"]
+    full, cut = tmp_path / "full", tmp_path / "cut"
+    srum.main(args + ["--out", str(full)])
+    s = json.load(open(full / "summary.json"))
+    assert [r["round"] for r in s["rounds"]] == [0, 1]
+    c0, c1 = (torch.load(full / f, weights_only=False) for f in ("candidates.rank0.pt", "candidates_r1.rank0.pt"))
+    assert len(c1["ro"]["image"]) == 6 and not np.array_equal(np.stack(c0["ro"]["image"]), np.stack(c1["ro"]["image"]))
+    real = common.finite
+
+    def killed_at_step_4(where, **kw):
+        if where == "step 4":
+            raise KeyboardInterrupt
+        return real(where, **kw)
+    monkeypatch.setattr(common, "finite", killed_at_step_4)
+    with pytest.raises(KeyboardInterrupt):
+        srum.main(args + ["--out", str(cut)])
+    monkeypatch.setattr(common, "finite", real)
+    assert (cut / "candidates_r1.rank0.pt").exists()
+    srum.main(args + ["--out", str(cut), "--resume"])
+    a, b = weights(str(full / "ckpt")), weights(str(cut / "ckpt"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
