@@ -16,9 +16,11 @@ by region, and the judgments weight the flow-matching loss token by token.
 
 The method, step by step in main (design section 4, the paper's symbols): 1. candidates, N think-mode
 generations per prompt from the model's own distribution (T 1, --cfg 1: rwr.py's reason); 2. boxes,
-the 5 largest the detector (world.detect, the paper's SAM) finds; 3. judgment, a global score g and a
-score s_i per box in [-1, 1] from the frozen copy asked the paper's prompts (tables 7-8); 4. the reward
-map R per image token (reward_map: the upstream code's, default, or Eq. 1's); 5. the regression
+the 5 largest the detector (world.detect, the paper's SAM) finds; 3. judgment, a global score g (the
+layout only) and a score s_i per box (strict) in [-1, 1] from the frozen copy, which pre-training taught
+the paper's rubric (tables 7-8, world.judge_scores); 4. the reward map R per image token (reward_map:
+the upstream code's, default, or Eq. 1's); 5. the regression on the prompt and the candidate's plan
+(--context plan) or on the prompt alone (prompt, the public code's t2i format),
   L = L_r + lambda_c * L_ref (Eq. 3),  L_r = mean(R_k * (v_theta - (eps - x0_gt))^2) (Eq. 1),
   L_ref = mean((v_theta - (eps - x0_gt))^2) (Eq. 2),  x0_gt = the candidate itself (upstream),
 in one pass of the fused kernel; AdamW (0.9, 0.95), eps 1e-15, constant LR 2.5e-5, clip 1 (table 6).
