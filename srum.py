@@ -99,10 +99,10 @@ def reward_map(g, regions, a):
 
 def label(c):
     """A run's row in the --report table, from its config.json."""
-    ctx = f", context {c.get('context', 'plan')}"
+    ctx = f"context {c.get('context', 'plan')}"
     if c["baseline"] == "sft":
-        return f"SFT ({c['prompts']}{ctx})"
-    parts = [f"judge {c['judge']}", f"context {c.get('context', 'plan')}"]
+        return f"SFT ({c['prompts']}, {ctx})"
+    parts = [f"judge {c['judge']}", ctx]
     parts += ["sample-level" if c["reward_level"] == "sample" else f"map {c['reward_map']}"]
     parts += ["0-1"] * c["binary"] + ["no global"] * c["no_global"] + [f"lambda_c {c['lambda_c']:g}"]
     return f"SRUM ({', '.join(parts)})"
@@ -171,8 +171,9 @@ def main(argv=None):
         if step // per_round != rnd:   # --rounds: fresh candidates from the policy as it is now, the same frozen judge
             rnd = step // per_round
             ro, g, regions = fresh_candidates(raw, ae, specs, rnd, judge, a, rank, world_size, log, device)
-            Rtok, lam, weights = weigh(ro, g, regions, R.oracle_binary(ro["spec"], ro["image"]), a, log, rank)
-            by_round.append(dict(round=rnd, oracle_success=float(R.oracle_binary(ro["spec"], ro["image"]).mean()), **weights))
+            ok = R.oracle_binary(ro["spec"], ro["image"])
+            Rtok, lam, weights = weigh(ro, g, regions, ok, a, log, rank)
+            by_round.append(dict(round=rnd, oracle_success=float(ok.mean()), **weights))
             z_all = ae.encode(torch.as_tensor(np.stack(ro["image"]), device=device))
             n_ro = len(ro["spec"])
             raw.train()
@@ -255,8 +256,7 @@ def fresh_candidates(raw, ae, specs, rnd, judge, a, rank, world_size, log, devic
         ro = evaluate.sample(raw, ae, specs[rank::world_size], a["N"], "think", a, gen, a["gen_batch"], f"round {rnd} candidates")
     g, regions = judge(ro)
     atomic_torch_save(dict(ro=ro, g=g, regions=regions), f)
-    log.log(dict(phase="round", round=rnd, n=len(g), oracle_success=float(R.oracle_binary(ro["spec"], ro["image"]).mean())),
-            f"round {rnd}: {len(g)} fresh candidates, oracle success {R.oracle_binary(ro['spec'], ro['image']).mean():.3f}")
+    log.log(dict(phase="round", round=rnd, n=len(g)), f"round {rnd}: {len(g)} fresh candidates")
     return ro, g, regions
 
 
