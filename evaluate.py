@@ -485,18 +485,18 @@ def self_judgment(model, ae, n, a, device, seed=4321):
     s_j = np.array([x for r in regions for _, x in r], np.float32)
     s_i = np.array([x for _, r in ideal for _, x in r], np.float32)     # the same boxes: detect, largest 5
     grid = lambda x: np.array([float(world.format_score(v)) for v in x])  # noqa: E731
-    # the worst the judge says of an image: its global score or its lowest region score
-    worst = [min([gj] + [x for _, x in r]) for gj, r in zip(g, regions)]
+    # the worst a judge says of an image: its global score or its lowest region score
+    lowest = lambda gs, regs: [min([x] + [v for _, v in r]) for x, r in zip(gs, regs)]  # noqa: E731
     res = dict(n=len(specs), correct_rate=float(np.mean(correct)), auroc_vqa=auroc(vqa, correct),
-               auroc_judge=auroc(worst, correct),
-               auroc_rubric=auroc([min([gi] + [x for _, x in r]) for gi, r in ideal], correct),   # the rubric's own ceiling
+               auroc_judge=auroc(lowest(g, regions), correct),
+               auroc_rubric=auroc(lowest(g_i, [r for _, r in ideal]), correct),   # the rubric's own ceiling
                global_agree=float(np.mean(grid(g) == g_i)),
                region_agree=float(np.mean(grid(s_j) == s_i)) if len(s_j) == len(s_i) and len(s_j) else None)
     fmt = lambda x: "n/a" if x is None else f"{x:.3f}"  # noqa: E731
     print(f"self-judgment on {len(specs)} fresh think-mode images ({res['correct_rate']:.3f} correct): "
           f"AUROC self VQAScore {fmt(res['auroc_vqa'])}, self-judge (lowest of global and region scores) "
-          f"{fmt(res['auroc_judge'])} (the rubric's own scores: {fmt(res['auroc_rubric'])}); the judge's scores on the rubric's grid equal the rubric's: global "
-          f"{fmt(res['global_agree'])}, regions {fmt(res['region_agree'])}")
+          f"{fmt(res['auroc_judge'])} (the rubric's own scores: {fmt(res['auroc_rubric'])}); the judge's scores "
+          f"on the rubric's grid equal the rubric's: global {fmt(res['global_agree'])}, regions {fmt(res['region_agree'])}")
     return res
 
 
