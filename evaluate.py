@@ -471,8 +471,9 @@ def self_judgment(model, ae, n, a, device, seed=4321):
     """How well the model's own understanding separates its correct from its wrong generations
     (SRUM's premise). A fresh prompt set (n per tag, drawn with another
     seed than data/eval.jsonl), one think-mode image each with evaluate.py's sampler, labelled by
-    the exact verifier; then the AUROC of the self VQAScore (P(yes)) and of the self-judge's
-    global score g (rewards.SelfJudge, the paper's prompt) against those labels."""
+    the exact verifier; then the AUROC of the self VQAScore (P(yes)) and of the self-judge's lowest
+    score (global or region, rewards.SelfJudge) against those labels, and how often the judge's scores
+    equal the rubric's (world.judge_scores) on the same images and boxes."""
     import rewards as R
     rng = np.random.default_rng(seed)
     specs = [world.sample_spec(t, rng, holdout="any") for t in world.TAGS for _ in range(n)]
