@@ -157,9 +157,16 @@ def start(model, ae, specs, a, rank, world_size, log, device, what, script):
     if saved:
         return saved, eval_specs, ea, before, saved["ro"], saved["rollouts_per_s"]
     t0 = time.time()
-    gen = torch.Generator(device).manual_seed(1000 + a["seed"] * world_size + rank)
-    ro = evaluate.sample(model, ae, specs[rank::world_size], a["N"], "think", a, gen, a["gen_batch"], what)
+    ro = draw_rollouts(model, ae, specs, a, rank, world_size, device, what)
     return None, eval_specs, ea, before, ro, all_sum(len(ro["spec"])).item() / (time.time() - t0)
+
+
+def draw_rollouts(model, ae, specs, a, rank, world_size, device, what, rnd=0):
+    """This rank's share of the prompts, N think-mode generations each, from a generator seeded by
+    (seed, rank, round): the rollouts of runs.start (round 0) and of srum.py's later --rounds."""
+    gen = torch.Generator(device).manual_seed(1000 + a["seed"] * world_size + rank + 7919 * rnd)
+    with torch.no_grad():
+        return evaluate.sample(model, ae, specs[rank::world_size], a["N"], "think", a, gen, a["gen_batch"], what)
 
 
 def eval_settings(a):

@@ -229,11 +229,9 @@ def weigh(ro, g, regions, correct, a, log, rank):
                           "the reward maps are 0 on every token and --lambda_c is 0 (e.g. every judgment g = -1 "
                           "scales each map to 0); give --lambda_c > 0")
     w_img, correct = Rtok.mean(1) + lam, np.asarray(correct, bool)
-    rec = dict(weight_right=float(w_img[correct].mean()) if correct.any() else None,
-               weight_wrong=float(w_img[~correct].mean()) if (~correct).any() else None,
+    right, wrong = (float(w_img[m].mean()) if m.any() else None for m in (correct, ~correct))
+    rec = dict(weight_right=right, weight_wrong=wrong, contrast=right / wrong if right is not None and wrong else None,
                negative_R=float((Rtok < 0).mean()), negative_weight=float((Rtok + lam < 0).mean()))
-    rec["contrast"] = rec["weight_right"] / rec["weight_wrong"] if None not in (rec["weight_right"], rec["weight_wrong"]) \
-        and rec["weight_wrong"] > 0 else None
     if rank == 0:
         draw_maps(ro, maps, Rtok, a, log)
         log.log(dict(phase="contrast", **rec),
@@ -251,9 +249,7 @@ def fresh_candidates(raw, ae, specs, rnd, judge, a, rank, world_size, log, devic
         c = torch.load(f, weights_only=False)
         return c["ro"], c["g"], c["regions"]
     raw.eval()
-    gen = torch.Generator(device).manual_seed(1000 + a["seed"] * world_size + rank + 7919 * rnd)
-    with torch.no_grad():
-        ro = evaluate.sample(raw, ae, specs[rank::world_size], a["N"], "think", a, gen, a["gen_batch"], f"round {rnd} candidates")
+    ro = runs.draw_rollouts(raw, ae, specs, a, rank, world_size, device, f"round {rnd} candidates", rnd)
     g, regions = judge(ro)
     atomic_torch_save(dict(ro=ro, g=g, regions=regions), f)
     log.log(dict(phase="round", round=rnd, n=len(g)), f"round {rnd}: {len(g)} fresh candidates")
