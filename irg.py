@@ -175,7 +175,7 @@ def mode_sample(mode, rec, z, rng, a):
     ce1 = 1.0 if mode == "improving_full" and rec["t1_loss"] else 0.0
     head = [("text", P, 0), ("text", rec["t1"], ce1)]
     if mode == "improving_thinking_und":
-        return head + [("clean", z["img1"]), ("text", [M.VE, M.THINK], 0), ("text", rec["t2"], ce2)], False
+        return head + [*M.reentry(z["img1"]), ("text", [M.VE, M.THINK], 0), ("text", rec["t2"], ce2)], False
     drop_text, drop_img = rng.random() < a["cfg_drop"], rng.random() < a["cfg_drop"]
     t1 = rec["t1"][:-1] if rec["t1"][-1] == M.VS else rec["t1"]
     if drop_img and drop_text:                      # both dropped: the initial context
@@ -183,9 +183,9 @@ def mode_sample(mode, rec, z, rng, a):
     elif drop_img:                                  # img-uncond: all the text, no image1
         segs = [("text", P, 0), ("text", t1, ce1), ("text", [M.THINK], 0), ("text", rec["t2"], ce2)]
     elif drop_text:                                 # text-uncond: through image1, think2 dropped
-        segs = head + [("clean", z["img1"]), ("text", [M.VE, M.VS], 0)]
+        segs = head + [*M.reentry(z["img1"]), ("text", [M.VE, M.VS], 0)]
     else:
-        segs = head + [("clean", z["img1"]), ("text", [M.VE, M.THINK], 0), ("text", rec["t2"], ce2)]
+        segs = head + [*M.reentry(z["img1"]), ("text", [M.VE, M.THINK], 0), ("text", rec["t2"], ce2)]
     return segs + [("noise", None, None)], True
 
 

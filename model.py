@@ -8,11 +8,16 @@ Conventions (upstream BAGEL; flipping any of them silently breaks generation):
   flow matching   x_t = (1 - t) * x0 + t * eps,  t = 1 is pure noise,  target v = eps - x0
   training t      t = sigmoid(randn), then shift t = s*t / (1 + (s-1)*t)
   sampler         ts = shift(linspace(1, 0, N+1));  x <- x - v * (t_i - t_{i+1})
-  MoT routing     every layer holds two experts: `und` (text and clean-image tokens) and
-                  `gen` (noisy image latents); routing is by token kind, not learned;
-                  one shared global attention over all tokens.
+  MoT routing     every layer holds two experts: `und` (text and clean-image tokens, the ViT
+                  analog) and `gen` (autoencoder latents: noisy ones, and a re-entered image's
+                  clean ones at t = 0); routing is by token kind, not learned; one shared
+                  global attention over all tokens.
   attention mask  causal text / bidirectional clean and noise image splits; nothing outside
                   a noise split sees it (kernels/attention.py has the rule).
+  re-entry        an image that re-enters a generation context (IRG's image1) goes in twice,
+                  as BAGEL's does: its clean latents at t = 0 through the gen expert (VAE
+                  tokens), then through the und expert (ViT tokens); understanding reads the
+                  und tokens alone.
   positions       1-D RoPE; a whole image shares one position id; a 2-D sin-cos table is
                   added to image tokens.
 """
@@ -32,7 +37,7 @@ import numpy as np
 import kernels
 from kernels.attention import allowed_mask, attention, attention_ref
 
-TEXT, CLEAN, NOISE = 0, 1, 2  # token kinds
+TEXT, CLEAN, NOISE, VAE = 0, 1, 2, 3  # token kinds (VAE: a re-entered image's clean latents, gen expert)
 PAD, BOS, EOS, THINK, END_THINK, VS, VE = range(7)  # special ids: world.SPECIALS, same order
 
 
@@ -167,24 +172,26 @@ class Permute(torch.autograd.Function):
 class Router:
     """Hard routing by token kind, set up once per forward. The flat tokens are permuted so
     that understanding tokens (text, clean image, pads) come first and generation tokens
-    (noisy latents) after: the residual stream lives in that sorted order, each expert runs
-    one matmul per op over its contiguous block (a slice, no gather/scatter per op), and only
-    attention needs the [B, L] row layout (one gather in, one gather out per layer).
-      und, gen: flat indices of the two kinds; gen in the order the noise segments were given
-                (pack precomputes both on the CPU: b["und_idx"], b["gen_idx"]; without them,
-                e.g. in the KV-cached inference paths, they are found here).
+    after, the clean VAE tokens (kind VAE) before the noisy ones: the residual stream lives in
+    that sorted order, each expert runs one matmul per op over its contiguous block (a slice,
+    no gather/scatter per op), and only attention needs the [B, L] row layout (one gather in,
+    one gather out per layer).
+      und, vae, gen: flat indices of the three kinds; gen in the order the noise segments were
+                given (pack precomputes them on the CPU: b["und_idx"], b["vae_idx"], b["gen_idx"];
+                without them, e.g. in the KV-cached inference paths, they are found here).
     Sorted position j holds flat token order[j]; flat token p sits at sorted position inv[p]."""
 
     def __init__(self, b):
         kind = b["kind"]
         self.shape = kind.shape
         if "gen_idx" in b:
-            und, gen = b["und_idx"], b["gen_idx"]
+            und, vae, gen = b["und_idx"], b["vae_idx"], b["gen_idx"]
         else:
             flat = kind.reshape(-1)
-            und, gen = (flat != NOISE).nonzero().squeeze(1), (flat == NOISE).nonzero().squeeze(1)
-        self.n_und = und.shape[0]                          # a shape, not a tensor: no sync, and
-        self.order = torch.cat([und, gen])                 # torch.compile sees a (dynamic) size
+            und, vae, gen = ((flat != NOISE) & (flat != VAE)).nonzero().squeeze(1), \
+                (flat == VAE).nonzero().squeeze(1), (flat == NOISE).nonzero().squeeze(1)
+        self.n_und, self.n_vae = und.shape[0], vae.shape[0]   # shapes, not tensors: no sync, and
+        self.order = torch.cat([und, vae, gen])               # torch.compile sees (dynamic) sizes
         self.inv = torch.empty_like(self.order)
         self.inv[self.order] = torch.arange(len(self.order), device=self.order.device)
 
@@ -274,7 +281,7 @@ class MoT(nn.Module):
         route = Router(b)
         n = route.n_und
         # inputs: text embeddings (und block), clean latents on CLEAN tokens (und expert's
-        # input projection), noisy latents + 2-D table + time embedding (gen block only)
+        # input projection), latents + 2-D table + time embedding (gen block: t = 0 on VAE tokens)
         x = self.tok_emb(b["ids"])
         xu = self.vae2llm_und(b["lat"]) + self.latent_pos[b["ipos"]]
         x = torch.where((kind == CLEAN)[..., None], xu.to(x.dtype), x)
@@ -314,7 +321,7 @@ class MoT(nn.Module):
         hs = route(self.norm, self.norm_gen, xs)
         if heads:
             lab = b["lab_idx"] if "lab_idx" in b else (b["labels"].reshape(-1) != -100).nonzero().squeeze(1)
-            return self.logits(hs[route.inv[lab]]), self.velocity(hs[n:])
+            return self.logits(hs[route.inv[lab]]), self.velocity(hs[n + route.n_vae:])
         return route.rows(hs)
 
     def logits(self, h):
@@ -330,12 +337,14 @@ def pack(samples, pad_id, C, device="cpu", dtype=torch.float32, row_len=None):
     """Pack a batch. A sample is a list of segments:
         ("text",  ids, w)        w: loss weight on predicting these ids (float or list), 0 = none
         ("clean", z)             z [n_img, C]: a clean image entering as context (und expert)
+        ("vae", z)               z [n_img, C]: a clean image's VAE tokens, t = 0 (gen expert); a
+                                 re-entered image is reentry(z) = [("vae", z), ("clean", z)]
         ("noise", x_t, t)        x_t [n_img, C]: a noisy latent at time t (gen expert)
     An image may also be given as an int `slot` (an index into an image batch the caller
     encodes later): its latents stay 0 and b["slot"] marks the positions (-1 elsewhere);
     training fills them on the device (pretrain.py), so workers can pack without the AE.
     A noise split does not advance the rope position (nothing after it sees it), a clean
-    split takes one position for all its tokens, each text token takes one.
+    or VAE split takes one position for all its tokens, each text token takes one.
 
     row_len None: one row per sample, right-padded to the longest (every sample has
     b["sample"] 0; inference relies on this layout).
@@ -347,6 +356,7 @@ def pack(samples, pad_id, C, device="cpu", dtype=torch.float32, row_len=None):
 
     Returns a dict of [B, L] tensors, plus flat indices into the B*L tokens (row-major):
       und_idx  understanding tokens (text, clean, pads), ascending
+      vae_idx  VAE tokens (clean latents on the gen expert), ascending
       gen_idx  noise tokens in the order their segments were given (sample by sample)
       lab_idx  tokens that carry a text label, ascending (= b["labels"] != -100)
     The velocity of forward(heads=True) / token_losses follows gen_idx, i.e. the given order,
@@ -392,7 +402,7 @@ def pack(samples, pad_id, C, device="cpu", dtype=torch.float32, row_len=None):
                     lw[r, prev] = w[ok]
                     n, p = n + k, p + k
                 else:
-                    kd = CLEAN if seg[0] == "clean" else NOISE
+                    kd = {"clean": CLEAN, "vae": VAE, "noise": NOISE}[seg[0]]
                     k = C_img(seg[1])
                     kind[r, n:n + k] = kd
                     split[r, n:n + k] = si
@@ -405,17 +415,25 @@ def pack(samples, pad_id, C, device="cpu", dtype=torch.float32, row_len=None):
                         slot[r, n:n + k] = seg[1]
                     else:
                         lat[r, n:n + k] = seg[1].detach().to("cpu", dtype)
-                    n, p = n + k, p + (1 if kd == CLEAN else 0)
+                    n, p = n + k, p + (0 if kd == NOISE else 1)
                 si += 1
             sample[r, s0:n] = 0 if row_len is None else i   # pads keep -1: invisible
     gen = np.concatenate([a for g in gen for a in g]) if any(gen) else np.zeros(0, np.int64)
     b = dict(ids=ids, kind=kind, split=split, pos=pos, ipos=ipos, t=t, labels=labels, lw=lw,
              sample=sample, slot=slot, idx=np.broadcast_to(np.arange(L), (B, L)).copy(),
-             und_idx=np.flatnonzero(kind.reshape(-1) != NOISE), gen_idx=gen,
+             und_idx=np.flatnonzero((kind.reshape(-1) != NOISE) & (kind.reshape(-1) != VAE)),
+             vae_idx=np.flatnonzero(kind.reshape(-1) == VAE), gen_idx=gen,
              lab_idx=np.flatnonzero(labels.reshape(-1) != -100))
     b = {k: torch.from_numpy(v) for k, v in b.items()}
     b["lat"] = lat
     return {k: v.to(device) for k, v in b.items()}
+
+
+def reentry(z):
+    """The segments of an image re-entering a generation context, as BAGEL enters it: its VAE
+    tokens (clean, t = 0, gen expert), which a second image can copy from, then its ViT-analog
+    tokens (und expert), which the text after it reads."""
+    return [("vae", z), ("clean", z)]
 
 
 def fit_rows(lens, row_len):
@@ -562,13 +580,20 @@ def append_text(model, cache, ids, live=None):
 
 
 @torch.no_grad()
-def append_image(model, cache, z, live=None):
-    """Re-enter a (finished) image as clean context: z [B,n_img,C]."""
+def append_image(model, cache, z, live=None, kind=CLEAN):
+    """Enter an image as clean context: z [B,n_img,C], as und tokens (kind CLEAN, what understanding
+    reads) or as VAE tokens (kind VAE, t = 0 on the gen expert)."""
     B, n, _ = z.shape
-    b, live = step_batch(cache, CLEAN, n, B, z.device, lat=z, live=live, C=model.c.latent_ch)
+    b, live = step_batch(cache, kind, n, B, z.device, lat=z, live=live, C=model.c.latent_ch)
     h = model(b, cache, write=True)
-    advance(cache, CLEAN, n, live)
+    advance(cache, kind, n, live)
     return h
+
+
+def reenter_image(model, cache, z, live=None):
+    """Re-enter a finished image into a generation context (`reentry`): VAE tokens, then und tokens."""
+    append_image(model, cache, z, live, kind=VAE)
+    return append_image(model, cache, z, live)
 
 
 def sample_token(logits, temperature=1.0, generator=None):
@@ -924,7 +949,7 @@ def draw_first(model, ae, prompts, s, palette, generator=None):
     cache, t1, sw1, z1 = g["cache"], g["think"], g["switched"], g["z"]
     img1 = ae.decode(z1, palette)
     zc = ae.encode(img1)                                          # re-entered as the AE reads it, not the raw latent
-    append_image(model, cache, zc)
+    reenter_image(model, cache, zc)
     return cache, t1, sw1, z1, img1, zc
 
 
@@ -982,7 +1007,7 @@ def second_given(model, ae, prompts, t1, img1, t2, s, palette, generator=None):
     dev, B = next(model.parameters()).device, len(prompts)
     t1, t2 = ([list(t) + ([] if t and t[-1] == VS else [VS]) for t in ts] for ts in (t1, t2))
     cache, _ = prefill(model, [[BOS] + list(p) + [THINK] + t for p, t in zip(prompts, t1)], dev)
-    append_image(model, cache, ae.encode(torch.as_tensor(np.asarray(img1), device=dev)))
+    reenter_image(model, cache, ae.encode(torch.as_tensor(np.asarray(img1), device=dev)))
     append_text(model, cache, torch.full((B, 1), VE, device=dev))
     text_unc = fork(cache)
     append_text(model, text_unc, torch.full((B, 1), VS, device=dev))

@@ -140,7 +140,7 @@ def train_spec(rng, banned, tags=world.IMAGE_TAGS):
 
 
 def make_sample(task, rng, banned, own=None, und_transfer=False, caption_detail=0.0):
-    """One sample as segments; images are still uint8 arrays ("img_clean"/"img_noise").
+    """One sample as segments; images are still uint8 arrays ("img_clean" read by understanding, "img_context" re-entered for a second image, "img_noise").
     own: the pool of the model's own images (dict specs, images, frac, reflect) or None.
     und_transfer: vqa / judge / region also ask about images of the two transfer tags (knowledge
     nouns, counts 5-6); the generation tasks (t2i, think, reflect) still never draw them."""
@@ -226,7 +226,7 @@ def reflect_segments(spec, scene, img1, think2, img2):
     """The reflect / edit sequence: <bos> P <think> plan <vs> [img1 clean] <ve> <think> think2 <vs> [img2 noise]."""
     enc = world.encode
     return [("text", [M.BOS] + enc(spec["prompt"]) + [M.THINK], 0), ("text", enc(world.plan_text(scene)) + [M.END_THINK, M.VS], 1.0),
-            ("img_clean", img1), ("text", [M.VE, M.THINK], 0), ("text", enc(think2) + [M.END_THINK, M.VS], 1.0),
+            ("img_context", img1), ("text", [M.VE, M.THINK], 0), ("text", enc(think2) + [M.END_THINK, M.VS], 1.0),
             ("img_noise", img2)]
 
 
@@ -249,8 +249,11 @@ def make_batch(seed, step, lo, hi, banned, cfg_drop, t_shift, C, row_len=None, m
         for seg in make_sample(task, rng, banned, own, und_transfer, caption_detail):
             if seg[0].startswith("img"):
                 images.append(seg[1])
-                if seg[0] == "img_clean":
+                if seg[0] == "img_clean":           # read by understanding: und tokens
                     segs.append(("clean", len(images) - 1))
+                    continue
+                if seg[0] == "img_context":         # re-entered for a second image: VAE and und tokens
+                    segs += M.reentry(len(images) - 1)
                     continue
                 t = float(1 / (1 + np.exp(-rng.standard_normal())))
                 t = t_shift * t / (1 + (t_shift - 1) * t)

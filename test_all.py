@@ -103,6 +103,51 @@ def test_clean_image_tokens_take_the_understanding_route():
     assert not torch.allclose(h1[0, -3:], h0[0, -3:], atol=1e-3)           # text after it reads it
 
 
+def test_reentered_image_enters_twice_its_vae_tokens_on_the_gen_expert_at_t0():
+    """BAGEL's re-entry (model.reentry): an image going back into a generation context enters as VAE
+    tokens (clean latents, t = 0, gen expert) and then as und tokens, each split one rope position,
+    both visible to what follows; the velocity head reads only the noise tokens. The KV-cached path
+    (reenter_image) equals one uncached forward, and pre-training's reflect / edit samples re-enter
+    image1 this way (the same latents twice) while caption / VQA images enter as und tokens only."""
+    m = tiny()
+    ctx, after = [1, 10, 11, M.VS], [M.VE, 20, 21, 22]
+    segs = [("text", ctx, 0), *M.reentry(z(3)), ("text", after, 0)]
+    b = M.pack([segs + [("noise", z(4), 0.6)]], M.PAD, 32)
+    kind, n = b["kind"][0], len(ctx)
+    assert (kind[n:n + 16] == M.VAE).all() and (kind[n + 16:n + 32] == M.CLEAN).all()
+    assert b["pos"][0, n:n + 16].unique().tolist() == [n] and b["pos"][0, n + 16:n + 32].unique().tolist() == [n + 1]
+    assert b["pos"][0, n + 32].item() == n + 2 and (b["t"][0, n:n + 32] == 0).all()
+    assert b["vae_idx"].tolist() == list(range(n, n + 16))
+    with torch.no_grad():
+        _, v = m(b, heads=True)
+        assert v.shape == (16, 32)
+        h0 = m(b)
+        m.vae2llm.weight.add_(torch.randn_like(m.vae2llm.weight))           # the gen expert's input projection
+        h1 = m(b)
+    assert torch.allclose(h1[0, :n], h0[0, :n], atol=1e-6)                   # causal: text before is untouched
+    assert not torch.allclose(h1[0, n:n + 16], h0[0, n:n + 16], atol=1e-3)   # the VAE tokens take it
+    assert not torch.allclose(h1[0, n + 32:n + 36], h0[0, n + 32:n + 36], atol=1e-3)   # and the text after reads them
+    full_b = M.pack([segs], M.PAD, 32)
+    with torch.no_grad():
+        full = m(full_b)[0]
+        cache, _ = M.prefill(m, [ctx], "cpu")
+        h_img = M.reenter_image(m, cache, z(3)[None])
+        lg = M.append_text(m, cache, torch.tensor([after]))
+    assert torch.allclose(h_img[0], full[n + 16:n + 32], atol=1e-5)
+    assert torch.allclose(lg[0], m.logits(full[-1]).float(), atol=1e-5)
+    assert cache.kv[0][0].shape[2] == n + 32 + len(after) and cache.pos.item() == n + 2 + len(after)
+    import pretrain as P
+    torch.manual_seed(1)
+    ae = M.PaletteAE(w=16).eval().requires_grad_(False)
+    for task, vae in (("edit", 16), ("reflect", 16), ("caption", 0), ("vqa", 0)):
+        bb = P.to_device(P.make_batch(0, 0, 0, 4, set(), 0.0, 1.0, 32, None, {task: 1.0}), ae, "cpu")
+        for r in range(4):
+            k = bb["kind"][r]
+            assert int((k == M.VAE).sum()) == vae and int((k == M.CLEAN).sum()) == 16
+            if vae:
+                assert torch.equal(bb["lat"][r][k == M.VAE], bb["lat"][r][k == M.CLEAN])
+
+
 def test_image_reentered_into_kv_cache_equals_uncached_forward():
     """IRG and the judges re-enter a finished image as clean context (append_image): prefill text,
     append the image, append more text; hidden states and logits equal one uncached forward."""

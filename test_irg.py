@@ -46,7 +46,7 @@ def critic_logp_full(m, ae, p, t1, img, ok):
     tail, lp = [M.VE, M.THINK], 0.0
     for tok in ok:
         with torch.no_grad():
-            h, _ = full(m, [("text", ctx, 0), ("clean", zc), ("text", tail, 0)])
+            h, _ = full(m, [("text", ctx, 0), *M.reentry(zc), ("text", tail, 0)])
             lp += float(torch.log_softmax(m.logits(h[-1]).float(), -1)[tok])
         tail = tail + [tok]
     return lp
@@ -90,12 +90,12 @@ def test_cached_irg_equals_full_recompute():
             zc = ae.encode(ae.decode(out["z1"][r:r + 1], world.PALETTE))[0]   # re-entered clean
             tail = [M.VE, M.THINK]
             for tok in out["think2"][r]:                       # think2 sees image1 clean
-                assert next_greedy(m, [("text", ctx, 0), ("clean", zc), ("text", tail, 0)]) == tok
+                assert next_greedy(m, [("text", ctx, 0), *M.reentry(zc), ("text", tail, 0)]) == tok
                 tail = tail + [tok]
             if tail[-1] != M.VS:
                 tail = tail + [M.VS]
-            cond = [("text", ctx, 0), ("clean", zc), ("text", tail, 0)]
-            text_unc = [("text", ctx, 0), ("clean", zc), ("text", [M.VE, M.VS], 0)]
+            cond = [("text", ctx, 0), *M.reentry(zc), ("text", tail, 0)]
+            text_unc = [("text", ctx, 0), *M.reentry(zc), ("text", [M.VE, M.VS], 0)]
             img_unc = [("text", irg.img_uncond_ids(p, t1, out["think2"][r]), 0)]
             x = x2_all[r].clone()                              # image2: three fields, BAGEL's nesting
             for i in range(s["sample_steps"]):
@@ -132,13 +132,13 @@ def test_cfg_combine_is_bagels_nesting():
 
 
 def trajectory(m):
-    """A packed full trajectory: P T1 [img1 clean] <ve> <think> T2 </think> <vs> [img2 noise]."""
+    """A packed full trajectory: P T1 [img1 VAE] [img1 clean] <ve> <think> T2 </think> <vs> [img2 noise]."""
     P = [M.BOS] + world.encode("a photo of a red circle") + [M.THINK]
     T1 = world.encode("a small red circle at the center .") + [M.END_THINK, M.VS]
     T2 = world.encode("the color is wrong . redraw : a small red circle at the center .") + [M.END_THINK, M.VS]
     g = torch.Generator().manual_seed(1)
     z1, x2 = torch.randn(16, 32, generator=g), torch.randn(16, 32, generator=g)
-    return lambda z1=z1, x2=x2: [("text", P + T1, 0), ("clean", z1), ("text", [M.VE, M.THINK], 0),
+    return lambda z1=z1, x2=x2: [("text", P + T1, 0), *M.reentry(z1), ("text", [M.VE, M.THINK], 0),
                                  ("text", T2, 1.0), ("noise", x2, 0.7)], len(P + T1), len(T2)
 
 
@@ -149,11 +149,13 @@ def test_image2_sees_image1_and_think2_and_nothing_sees_image2():
     meta = (b["sample"], b["split"], b["kind"], b["idx"])
     allow = allowed_mask(meta, meta)[0]
     kind = b["kind"][0]
-    noise, clean = kind == M.NOISE, kind == M.CLEAN
+    noise, clean, vae = kind == M.NOISE, kind == M.CLEAN, kind == M.VAE
     t2 = torch.zeros_like(noise)
-    t2[n_ctx + 16 + 2:n_ctx + 16 + 2 + n_t2] = True
-    assert noise.sum() == 16 and clean.sum() == 16 and t2.sum() == n_t2
-    assert allow[noise][:, clean].all() and allow[noise][:, t2].all() and allow[noise][:, :n_ctx].all()
+    t2[n_ctx + 32 + 2:n_ctx + 32 + 2 + n_t2] = True
+    assert noise.sum() == 16 and clean.sum() == 16 and vae.sum() == 16 and t2.sum() == n_t2
+    assert allow[noise][:, clean].all() and allow[noise][:, vae].all() and allow[noise][:, t2].all() \
+        and allow[noise][:, :n_ctx].all()
+    assert allow[t2][:, vae].all() and allow[t2][:, clean].all()          # think2 reads image1 both ways
     assert not allow[~noise][:, noise].any()                  # nothing outside image2's split sees it
     # and by perturbation, through the whole network: image2's velocity moves with image1 and with
     # think2; no other token's state moves with image2's noise
@@ -203,7 +205,7 @@ def test_each_mode_puts_its_losses_where_it_claims(mode, t1_loss):
     assert ((b["kind"] == M.CLEAN).sum() == 16) == mode.startswith("improving")
     assert ((b["kind"] == M.NOISE).sum() == 16) == want_img
     if mode.startswith("improving"):                   # image1 is context: it enters clean, exactly z1
-        assert torch.equal(b["lat"][b["kind"] == M.CLEAN], z1)
+        assert torch.equal(b["lat"][b["kind"] == M.CLEAN], z1) and torch.equal(b["lat"][b["kind"] == M.VAE], z1)
         ids = b["ids"][0].tolist()
         assert ids[:len(imp["t1"]) + 8] == [M.BOS] + world.encode(imp["spec"]["prompt"]) + [M.THINK] + imp["t1"]
 

@@ -95,7 +95,7 @@ def test_loss_without_grad_and_twin_switch(monkeypatch):
 
 # ---------------------------------------------------------------- attention
 def packed_meta(B, L, seed=0, text=(2, 9), image=(3, 12), pad=5):
-    """Rows of packed samples: text, clean image (kind 1), 2 text tokens, noise image (kind 2),
+    """Rows of packed samples: text, a re-entered image (VAE kind 3, then clean kind 1), 2 text tokens, noise image (kind 2),
     repeated, spans of random (unaligned) lengths; the last `pad` tokens are padding (their own
     sample). Returns (sample, split, kind, idx), each [B, L] int64."""
     g = torch.Generator().manual_seed(seed)
@@ -104,7 +104,7 @@ def packed_meta(B, L, seed=0, text=(2, 9), image=(3, 12), pad=5):
     for b in range(B):
         pos, s, sp, end = 0, 0, 0, L - pad
         while pos < end:
-            for k, n in ((0, r(*text)), (1, r(*image)), (0, 2), (2, r(*image))):
+            for k, n in ((0, r(*text)), (3, r(*image)), (1, r(*image)), (0, 2), (2, r(*image))):
                 n = min(n, end - pos)
                 if n <= 0:
                     break

@@ -363,7 +363,7 @@ def test_own_reflect_shows_the_models_own_image_with_the_verifiers_reflection(ti
     own = dict(specs=[spec], images=np.stack([neg]), frac=0.0, reflect=1.0)
     segs = P.make_sample("reflect", np.random.default_rng(4), banned, own)
     kinds = [s[0] for s in segs]
-    assert kinds == ["text", "text", "img_clean", "text", "text", "img_noise"]
+    assert kinds == ["text", "text", "img_context", "text", "text", "img_noise"]
     assert np.array_equal(segs[2][1], neg)                                  # image1: the pool's image
     assert world.decode(segs[0][1][1:-1]) == spec["prompt"]                 # <bos> P <think>: the pool image's prompt
     think2 = world.decode(segs[4][1][:-2])                                  # ... </think> <vs>

@@ -3,10 +3,11 @@
 Per-token metadata `meta` is a tuple of int tensors, each [B, L]:
   sample : which packed sample the token belongs to (tokens of different samples never meet)
   split  : id of the split (a run of tokens of one kind) inside the row; unique per row
-  kind   : 0 = causal text, 1 = full (clean image: bidirectional inside the split), 2 = noise image
+  kind   : 0 = causal text, 1 = full (clean image: bidirectional inside the split), 2 = noise image,
+           3 = full (a re-entered image's VAE tokens; the mask treats it as 1)
   idx    : the token's index in the row (the causal rule compares these)
 
-  allow(q, k) = (idx_q >= idx_k  or  (split_q == split_k and kind_q in {1, 2}))
+  allow(q, k) = (idx_q >= idx_k  or  (split_q == split_k and kind_q in {1, 2, 3}))
                 and not (kind_k == 2 and split_k != split_q)
                 and sample_q == sample_k
 Noisy tokens see the context and each other; nothing else sees them.
