@@ -159,7 +159,7 @@ def pick_modes(stage, n, rng):
     return rng.choice(list(w), n, p=np.array(list(w.values())) / sum(w.values()))
 
 
-def mode_sample(mode, rec, z, rng, a):
+def mode_sample(mode, rec, z, rng, a, vae=True):
     """One training sample (segments for model.pack) of `mode` from record `rec`; z: its encoded
     images (x_t, eps, t and x0 of the image that carries the MSE are filled by the caller: the
     noise segment is a placeholder ("noise", None, None)). Returns (segments, has_image_loss)."""
@@ -175,7 +175,7 @@ def mode_sample(mode, rec, z, rng, a):
     ce1 = 1.0 if mode == "improving_full" and rec["t1_loss"] else 0.0
     head = [("text", P, 0), ("text", rec["t1"], ce1)]
     if mode == "improving_thinking_und":
-        return head + [*M.reentry(z["img1"]), ("text", [M.VE, M.THINK], 0), ("text", rec["t2"], ce2)], False
+        return head + [*M.reentry(z["img1"], vae), ("text", [M.VE, M.THINK], 0), ("text", rec["t2"], ce2)], False
     drop_text, drop_img = rng.random() < a["cfg_drop"], rng.random() < a["cfg_drop"]
     t1 = rec["t1"][:-1] if rec["t1"][-1] == M.VS else rec["t1"]
     if drop_img and drop_text:                      # both dropped: the initial context
@@ -183,9 +183,9 @@ def mode_sample(mode, rec, z, rng, a):
     elif drop_img:                                  # img-uncond: all the text, no image1
         segs = [("text", P, 0), ("text", t1, ce1), ("text", [M.THINK], 0), ("text", rec["t2"], ce2)]
     elif drop_text:                                 # text-uncond: through image1, think2 dropped
-        segs = head + [*M.reentry(z["img1"]), ("text", [M.VE, M.VS], 0)]
+        segs = head + [*M.reentry(z["img1"], vae), ("text", [M.VE, M.VS], 0)]
     else:
-        segs = head + [*M.reentry(z["img1"]), ("text", [M.VE, M.THINK], 0), ("text", rec["t2"], ce2)]
+        segs = head + [*M.reentry(z["img1"], vae), ("text", [M.VE, M.THINK], 0), ("text", rec["t2"], ce2)]
     return segs + [("noise", None, None)], True
 
 
@@ -269,7 +269,7 @@ def main(argv=None):
                 x0 = z_init[j]
             else:
                 j = int(rng.integers(len(improving)))
-                segs, img = mode_sample(mode, improving[j], dict(img1=z_img1[j]), rng, a)
+                segs, img = mode_sample(mode, improving[j], dict(img1=z_img1[j]), rng, a, raw.c.vae_reentry)
                 x0 = z_img2[j]
             samples.append(segs)
             x0s.append(x0 if img else None)

@@ -17,7 +17,8 @@ Conventions (upstream BAGEL; flipping any of them silently breaks generation):
   re-entry        an image that re-enters a generation context (IRG's image1) goes in twice,
                   as BAGEL's does: its clean latents at t = 0 through the gen expert (VAE
                   tokens), then through the und expert (ViT tokens); understanding reads the
-                  und tokens alone.
+                  und tokens alone (Config.vae_reentry False: und tokens only, for bases
+                  trained before the VAE tokens).
   positions       1-D RoPE; a whole image shares one position id; a 2-D sin-cos table is
                   added to image tokens.
 """
@@ -54,6 +55,7 @@ class Config:
     latent_ch: int = 32      # autoencoder latent channels (one token per 16x16 pixels)
     n_img: int = 16          # image tokens per 64x64 image (4x4 grid)
     rope_base: float = 10000.0
+    vae_reentry: bool = True # a re-entered image's VAE tokens (BAGEL); False: bases trained before them (v1-v5)
 
 
 def config_for(depth, vocab_size):
@@ -429,11 +431,12 @@ def pack(samples, pad_id, C, device="cpu", dtype=torch.float32, row_len=None):
     return {k: v.to(device) for k, v in b.items()}
 
 
-def reentry(z):
+def reentry(z, vae=True):
     """The segments of an image re-entering a generation context, as BAGEL enters it: its VAE
     tokens (clean, t = 0, gen expert), which a second image can copy from, then its ViT-analog
-    tokens (und expert), which the text after it reads."""
-    return [("vae", z), ("clean", z)]
+    tokens (und expert), which the text after it reads. vae False (Config.vae_reentry of a base
+    trained before the VAE tokens): the und tokens alone, as that base learned it."""
+    return [("vae", z), ("clean", z)] if vae else [("clean", z)]
 
 
 def fit_rows(lens, row_len):
@@ -592,7 +595,8 @@ def append_image(model, cache, z, live=None, kind=CLEAN):
 
 def reenter_image(model, cache, z, live=None):
     """Re-enter a finished image into a generation context (`reentry`): VAE tokens, then und tokens."""
-    append_image(model, cache, z, live, kind=VAE)
+    if model.c.vae_reentry:
+        append_image(model, cache, z, live, kind=VAE)
     return append_image(model, cache, z, live)
 
 
@@ -760,8 +764,13 @@ def _check_config(path, meta, shapes):
     unknown = [k for k in cfg or {} if k not in kinds]
     if unknown:
         raise ValueError(f"{j}: unknown config key {unknown[0]!r}; a config holds {list(kinds)}")
+    flags = [k for k in cfg or {} if kinds[k] in (bool, "bool")]
+    for k in flags:
+        if not isinstance(cfg[k], bool):
+            raise ValueError(f"{j}: {k} {cfg[k]!r} must be true or false; the .json is damaged: restore it or "
+                             f"re-save the checkpoint")
     for k, v, real in [(f"ae.{k}", v, False) for k, v in ae.items()] + \
-            [(k, v, kinds[k] in (float, "float")) for k, v in (cfg or {}).items()]:
+            [(k, v, kinds[k] in (float, "float")) for k, v in (cfg or {}).items() if k not in flags]:
         ok = isinstance(v, (float, int) if real else int) and not isinstance(v, bool) and math.isfinite(v)
         if not ok or v <= 0:
             raise ValueError(f"{j}: {k} {v!r} must be a positive {'number' if real else 'whole number'}; the .json "

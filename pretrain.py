@@ -468,6 +468,7 @@ def main(argv=None):
     cfg = M.config_for(a["depth"], len(world.VOCAB))
     if a["init_from"]:
         umm, ae, meta0 = M.load_weights(a["init_from"], device, flag="--init_from")
+        umm.c.vae_reentry = True     # pre-training re-enters images as BAGEL does, whatever the base did before
         cfg = umm.c
     else:
         _, ae, _ = M.load_weights(a["ae"], device, flag="--ae")

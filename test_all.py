@@ -148,6 +148,42 @@ def test_reentered_image_enters_twice_its_vae_tokens_on_the_gen_expert_at_t0():
                 assert torch.equal(bb["lat"][r][k == M.VAE], bb["lat"][r][k == M.CLEAN])
 
 
+def test_a_base_trained_before_the_vae_tokens_reenters_images_as_it_learned(tmp_path):
+    """Config.vae_reentry False (the bases v1-v5 were trained before the VAE tokens): reenter_image and
+    IRGL's samples give image1 as und tokens only, cached equal to uncached; the flag survives a save and
+    load, a .json with a non-boolean value is refused naming the key, and pre-training from such a base
+    trains (and saves) with the VAE tokens."""
+    import irg
+    m = tiny()
+    m.c.vae_reentry = False
+    ctx, after = [1, 10, 11, M.VS], [M.VE, 20, 21, 22]
+    segs = [("text", ctx, 0), *M.reentry(z(3), m.c.vae_reentry), ("text", after, 0)]
+    with torch.no_grad():
+        full = m(M.pack([segs], M.PAD, 32))[0]
+        cache, _ = M.prefill(m, [ctx], "cpu")
+        M.reenter_image(m, cache, z(3)[None])
+        lg = M.append_text(m, cache, torch.tensor([after]))
+    assert cache.kv[0][0].shape[2] == len(ctx) + 16 + len(after) and full.shape[0] == len(ctx) + 16 + len(after)
+    assert torch.allclose(lg[0], m.logits(full[-1]).float(), atol=1e-5)
+    rec = dict(spec=dict(prompt="a photo of a red circle"), t1=[20, M.END_THINK, M.VS], t1_loss=False, t2=[21, M.END_THINK, M.VS])
+    a = dict(irg.defaults, cfg_drop=0.0)
+    for vae, n in ((True, 16), (False, 0)):
+        got, _ = irg.mode_sample("improving_full", rec, dict(img1=z(1)), np.random.default_rng(0), a, vae)
+        assert sum(seg[0] == "vae" for seg in got) * 16 == n
+    ck = str(tmp_path / "old")
+    M.save_weights(ck, M.MoT(M.config_for(2, 204)), M.PaletteAE(w=16), dict(step=0))
+    js = json.load(open(ck + ".json"))
+    js["config"]["vae_reentry"] = False
+    json.dump(js, open(ck + ".json", "w"))
+    assert M.load_weights(ck)[0].c.vae_reentry is False
+    run(["--init_from", ck, "--out", str(tmp_path / "more"), "--steps", "1", "--batch", "2", "--workers", "0"])
+    assert json.load(open(tmp_path / "more" / "ckpt.json"))["config"]["vae_reentry"] is True
+    js["config"]["vae_reentry"] = 1
+    json.dump(js, open(ck + ".json", "w"))
+    with pytest.raises(ValueError, match="vae_reentry 1 must be true or false"):
+        M.load_weights(ck)
+
+
 def test_image_reentered_into_kv_cache_equals_uncached_forward():
     """IRG and the judges re-enter a finished image as clean context (append_image): prefill text,
     append the image, append more text; hidden states and logits equal one uncached forward."""
