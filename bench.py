@@ -354,9 +354,8 @@ class OldRouter:
         import model as M
         flat = kind.reshape(-1)
         self.shape = kind.shape
-        on_gen = (flat == M.NOISE) | (flat == M.VAE)            # every autoencoder token on the gen expert
-        self.gen = on_gen.nonzero().squeeze(1)
-        self.und = (~on_gen).nonzero().squeeze(1)
+        self.gen = M.on_gen(flat).nonzero().squeeze(1)
+        self.und = (~M.on_gen(flat)).nonzero().squeeze(1)
 
     def __call__(self, fn_und, fn_gen, x):
         xf = x.reshape(-1, *x.shape[2:])
@@ -404,7 +403,7 @@ def old_forward(m, b, heads=False):
         xu = m.vae2llm_und(lat) + pe
         xg = m.vae2llm(lat) + pe + m.time_embedder(M.timestep_embedding(b["t"].reshape(-1), c.d)).view(*kind.shape, -1)
         x = torch.where((kind == M.CLEAN)[..., None], xu.to(x.dtype), x)
-        x = torch.where(((kind == M.NOISE) | (kind == M.VAE))[..., None], xg.to(x.dtype), x)
+        x = torch.where(M.on_gen(kind)[..., None], xg.to(x.dtype), x)
     route = OldRouter(kind)
     meta = (b["sample"], b["split"], kind, b["idx"])
     for i in range(c.n_layer):

@@ -39,6 +39,13 @@ import kernels
 from kernels.attention import allowed_mask, attention, attention_ref
 
 TEXT, CLEAN, NOISE, VAE = 0, 1, 2, 3  # token kinds (VAE: a re-entered image's clean latents, gen expert)
+
+
+def on_gen(kind):
+    """Which tokens the gen expert runs (every autoencoder latent: noisy, and VAE at t = 0); kind: an
+    int tensor or array of token kinds; the rest (text, clean image, pads) is the und expert's."""
+    return (kind == NOISE) | (kind == VAE)
+
 PAD, BOS, EOS, THINK, END_THINK, VS, VE = range(7)  # special ids: world.SPECIALS, same order
 
 
@@ -190,8 +197,8 @@ class Router:
             und, vae, gen = b["und_idx"], b["vae_idx"], b["gen_idx"]
         else:
             flat = kind.reshape(-1)
-            und, vae, gen = ((flat != NOISE) & (flat != VAE)).nonzero().squeeze(1), \
-                (flat == VAE).nonzero().squeeze(1), (flat == NOISE).nonzero().squeeze(1)
+            und, vae, gen = (~on_gen(flat)).nonzero().squeeze(1), (flat == VAE).nonzero().squeeze(1), \
+                (flat == NOISE).nonzero().squeeze(1)
         self.n_und, self.n_vae = und.shape[0], vae.shape[0]   # shapes, not tensors: no sync, and
         self.order = torch.cat([und, vae, gen])               # torch.compile sees (dynamic) sizes
         self.inv = torch.empty_like(self.order)
@@ -421,10 +428,10 @@ def pack(samples, pad_id, C, device="cpu", dtype=torch.float32, row_len=None):
                 si += 1
             sample[r, s0:n] = 0 if row_len is None else i   # pads keep -1: invisible
     gen = np.concatenate([a for g in gen for a in g]) if any(gen) else np.zeros(0, np.int64)
+    flat = kind.reshape(-1)
     b = dict(ids=ids, kind=kind, split=split, pos=pos, ipos=ipos, t=t, labels=labels, lw=lw,
              sample=sample, slot=slot, idx=np.broadcast_to(np.arange(L), (B, L)).copy(),
-             und_idx=np.flatnonzero((kind.reshape(-1) != NOISE) & (kind.reshape(-1) != VAE)),
-             vae_idx=np.flatnonzero(kind.reshape(-1) == VAE), gen_idx=gen,
+             und_idx=np.flatnonzero(~on_gen(flat)), vae_idx=np.flatnonzero(flat == VAE), gen_idx=gen,
              lab_idx=np.flatnonzero(labels.reshape(-1) != -100))
     b = {k: torch.from_numpy(v) for k, v in b.items()}
     b["lat"] = lat

@@ -140,7 +140,8 @@ def train_spec(rng, banned, tags=world.IMAGE_TAGS):
 
 
 def make_sample(task, rng, banned, own=None, und_transfer=False, caption_detail=0.0):
-    """One sample as segments; images are still uint8 arrays ("img_clean" read by understanding, "img_context" re-entered for a second image, "img_noise").
+    """One sample as segments; images are still uint8 arrays: "img_clean" (read by understanding),
+    "img_context" (re-entered for a second image), "img_noise".
     own: the pool of the model's own images (dict specs, images, frac, reflect) or None.
     und_transfer: vqa / judge / region also ask about images of the two transfer tags (knowledge
     nouns, counts 5-6); the generation tasks (t2i, think, reflect) still never draw them."""

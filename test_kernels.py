@@ -95,9 +95,9 @@ def test_loss_without_grad_and_twin_switch(monkeypatch):
 
 # ---------------------------------------------------------------- attention
 def packed_meta(B, L, seed=0, text=(2, 9), image=(3, 12), pad=5):
-    """Rows of packed samples: text, a re-entered image (VAE kind 3, then clean kind 1), 2 text tokens, noise image (kind 2),
-    repeated, spans of random (unaligned) lengths; the last `pad` tokens are padding (their own
-    sample). Returns (sample, split, kind, idx), each [B, L] int64."""
+    """Rows of packed samples: text, a re-entered image (VAE kind 3, then clean kind 1), 2 text tokens,
+    noise image (kind 2), repeated, spans of random (unaligned) lengths; the last `pad` tokens are
+    padding (their own sample). Returns (sample, split, kind, idx), each [B, L] int64."""
     g = torch.Generator().manual_seed(seed)
     r = lambda lo, hi: int(torch.randint(lo, hi, (1,), generator=g))  # noqa: E731
     sample, split, kind = (torch.zeros(B, L, dtype=torch.long) for _ in range(3))
