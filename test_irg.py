@@ -375,6 +375,30 @@ def test_evaluate_py_detail_and_edits(tiny_ckpt, tmp_path):
     d, e = s["detail"], s["edits"]
     assert d["n"] == 4 and all(0 <= d[k] <= 1 for k in ("iou_short", "iou_detailed", "f1_short"))
     assert d["detail_share_t1"] is None or 0 <= d["detail_share_t1"] <= 1       # a random model's captions may not parse
+    assert d["centre_slope"] is None or np.isfinite(d["centre_slope"])
     assert e["n_kept"] == len(world.IMAGE_TAGS) and 0 < e["n_flawed"] <= e["n_kept"]
     assert all(0 <= e[k] <= 1 for k in ("kept_changed", "fixed", "fixed_rest_kept", "fresh_right"))
     assert json.load(open(tmp_path / "summary.json"))["edits"] == e
+
+
+def test_centre_slope_follows_moved_renders_and_ignores_identical_ones():
+    """evaluate.nudge_x moves every written x centre and nothing else; centre_slope reads 1 on renders drawn
+    where the nudged captions say (each object moved by the captions' difference) and 0 on the same render twice."""
+    import evaluate
+    rng = np.random.default_rng(3)
+    scenes = []
+    while len(scenes) < 20:
+        sc = world.random_scene(rng, holdout="train")
+        if all(3 <= o["box"][0] and o["box"][2] <= world.W - 3 for o in sc):   # room to move 3 px either way
+            scenes.append(sc)
+    for sc in scenes:
+        cap = world.caption(sc, detail=True)
+        moved = world.parse_caption(evaluate.nudge_x(cap, 3))
+        assert [(o["centre"][0] - 3, o["centre"][1], o["pos"]) for o in moved] == \
+            [(o["centre"][0], o["centre"][1], o["pos"]) for o in world.parse_caption(cap)]
+    assert world.parse_caption(evaluate.nudge_x("a small red circle at the top left 1 9 .", -5))[0]["centre"] == (0, 9)
+    shift = lambda sc, dx: [dict(o, box=(o["box"][0] + dx, o["box"][1], o["box"][2] + dx, o["box"][3])) for o in sc]  # noqa: E731
+    left, right = [world.draw(shift(sc, -3)) for sc in scenes], [world.draw(shift(sc, 3)) for sc in scenes]
+    assert evaluate.centre_slope(left, right, 6) == pytest.approx(1.0)
+    assert evaluate.centre_slope(left, left, 6) == 0.0
+    assert evaluate.centre_slope([np.zeros((world.W, world.W, 3), np.uint8)], [left[0]], 6) is None
