@@ -453,8 +453,8 @@ def edit_eval(model, ae, n, s, device, seed=DETAIL_SEED, batch=64, log=print):
     (model.second_given): kept, a right image1 with think2 "the image is correct . redraw : <its plan>"
     (the share of its pixels image2 changes); flawed, image1 = the render with one constraint broken in
     place (world.edit_flaw) and think2 the verifier's reflection naming what and where (is image2 right,
-    and right with the rest kept: < 1% of the pixels outside the edited object's box changed); against a
-    fresh first image of the same prompt (model.draw_first, IRG's sampler)."""
+    and right with the rest kept: < 1% of the pixels outside the flaw changed, outside_flaw), split by the
+    flaw's kind (flaw_kind); against a fresh first image of the same prompt (model.draw_first, IRG's sampler)."""
     model.eval()
     rng, g = np.random.default_rng(seed + 1), torch.Generator(device).manual_seed(seed + 1)
     enc, end = world.encode, [M.END_THINK, M.VS]
@@ -464,10 +464,11 @@ def edit_eval(model, ae, n, s, device, seed=DETAIL_SEED, batch=64, log=print):
             spec = world.sample_spec(tag, rng, holdout="train")
             img, scene = world.render(spec, rng, holdout="train")
             t1 = enc(world.plan_text(scene)) + end
-            jobs.append((spec, t1, img, enc(world.reflection_text(spec, world.verify(spec, img), scene)) + end, img, None))
+            jobs.append((spec, t1, img, enc(world.reflection_text(spec, world.verify(spec, img), scene)) + end, img, None, None))
             e = world.edit_flaw(spec, scene, rng)
             if e is not None:
-                jobs.append((spec, t1, e[0], enc(world.reflection_text(spec, e[0], scene, where=e[2]["box"])) + end, img, e[2]["box"]))
+                jobs.append((spec, t1, e[0], enc(world.reflection_text(spec, e[0], scene, where=e[2]["box"])) + end, img,
+                             e[2]["box"], flaw_kind(scene, e[1])))
     out2, fresh = [], []
     for i in range(0, len(jobs), batch):
         c = jobs[i:i + batch]
@@ -475,28 +476,54 @@ def edit_eval(model, ae, n, s, device, seed=DETAIL_SEED, batch=64, log=print):
         out2 += list(M.second_given(model, ae, prompts, [j[1] for j in c], np.stack([j[2] for j in c]), [j[3] for j in c], s,
                                     world.PALETTE, g))
         fresh += list(M.draw_first(model, ae, prompts, s, world.PALETTE, g)[4].cpu().numpy())
-    changed, fixed, rest, fresh_ok, kept = [], [], [], [], []
-    for (spec, _, img1, _, target, box), im2, fr in zip(jobs, out2, fresh):
-        diff = (im2 != img1).any(-1)
+    changed, fixed, rest, fresh_ok, kept, kinds = [], [], [], [], [], []
+    for (spec, _, img1, _, target, box, kind), im2, fr in zip(jobs, out2, fresh):
         if box is None:
-            changed.append(float(diff.mean()))
+            changed.append(float((im2 != img1).any(-1).mean()))
             kept.append(world.verify(spec, im2)["correct"])
         else:
-            x0, y0, x1, y1 = (int(v) for v in box)
-            out_box = diff.copy()
-            out_box[max(0, y0 - 1):y1 + 1, max(0, x0 - 1):x1 + 1] = False
             fixed.append(world.verify(spec, im2)["correct"])
-            rest.append(float(out_box.mean()) < 0.01)
+            rest.append(outside_flaw(im2, img1, target, box) < 0.01)
             fresh_ok.append(world.verify(spec, fr)["correct"])
-    fixed, rest = np.array(fixed, bool), np.array(rest, bool)
+            kinds.append(kind)
+    fixed, rest, kinds = np.array(fixed, bool), np.array(rest, bool), np.array(kinds)
+    by_kind = {k: dict(n=int((kinds == k).sum()), fixed=float(fixed[kinds == k].mean()),
+                       fixed_rest_kept=float((fixed & rest)[kinds == k].mean())) for k in sorted(set(kinds))}
     res = dict(n_kept=len(changed), kept_changed=float(np.mean(changed)), kept_under_1pct=float(np.mean(np.array(changed) < 0.01)),
                kept_right=float(np.mean(kept)), n_flawed=int(fixed.size), fixed=float(fixed.mean()),
-               fixed_rest_kept=float((fixed & rest).mean()), rest_kept=float(rest.mean()), fresh_right=float(np.mean(fresh_ok)))
+               fixed_rest_kept=float((fixed & rest).mean()), rest_kept=float(rest.mean()), fresh_right=float(np.mean(fresh_ok)),
+               by_kind=by_kind)
     log(f"edits: a right image1 told it is correct: image2 changes {res['kept_changed']:.4f} of its pixels (under 1% for "
         f"{res['kept_under_1pct']:.3f}, right {res['kept_right']:.3f}; n {res['n_kept']}); a one-flaw image1 told what and "
         f"where: image2 right {res['fixed']:.3f}, right with the rest kept {res['fixed_rest_kept']:.3f}; a fresh draw right "
-        f"{res['fresh_right']:.3f} (n {res['n_flawed']})")
+        f"{res['fresh_right']:.3f} (n {res['n_flawed']}); by kind, right / right with the rest kept: "
+        + ", ".join(f"{k} {v['fixed']:.2f} / {v['fixed_rest_kept']:.2f} (n {v['n']})" for k, v in by_kind.items()))
     return res
+
+
+def flaw_kind(scene, bad_scene):
+    """Which edit world.edit_flaw made: an object removed, two objects' colours swapped, or one object's
+    colour or shape changed."""
+    if len(bad_scene) != len(scene):
+        return "missing object"
+    diff = [(a, b) for a, b in zip(scene, bad_scene) if a != b]
+    if len(diff) > 1:
+        return "swapped colors"
+    return "wrong color" if diff[0][0]["color"] != diff[0][1]["color"] else "shape swap"
+
+
+def outside_flaw(im2, img1, target, box):
+    """The share of image2's pixels that differ from image1 outside the flaw: outside the edited object's
+    box and every pixel where image1 and the target differ (both objects of a colour swap), each grown by
+    one pixel. What image1 had right and image2 should keep, to the pixel."""
+    flaw = (img1 != target).any(-1)
+    x0, y0, x1, y1 = (int(v) for v in box)
+    flaw[max(0, y0):y1, max(0, x0):x1] = True
+    grown = flaw.copy()                           # one pixel of margin: the decoder's edge may move by one
+    grown[1:] |= flaw[:-1]; grown[:-1] |= flaw[1:]
+    g2 = grown.copy()
+    g2[:, 1:] |= grown[:, :-1]; g2[:, :-1] |= grown[:, 1:]
+    return float(((im2 != img1).any(-1) & ~g2).mean())
 
 
 # ----------------------------------------------------------------------------- self-judgment

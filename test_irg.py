@@ -381,6 +381,34 @@ def test_evaluate_py_detail_and_edits(tiny_ckpt, tmp_path):
     assert json.load(open(tmp_path / "summary.json"))["edits"] == e
 
 
+def test_outside_flaw_spares_every_object_the_flaw_changed_and_sees_the_rest():
+    """evaluate.outside_flaw: the target and image1 itself change nothing outside the flaw, for every kind
+    world.edit_flaw makes (a colour swap changes two objects: both are the flaw's); moving an object the
+    flaw did not touch is seen. flaw_kind names each kind."""
+    import evaluate
+    rng, seen = np.random.default_rng(3), set()
+    for _ in range(200):
+        spec = world.sample_spec(["two_object", "colors", "counting", "color_attr"][len(seen) % 4], rng, holdout="train")
+        img, scene = world.render(spec, rng, holdout="train")
+        e = world.edit_flaw(spec, scene, rng)
+        if e is None:
+            continue
+        bad, bad_scene, edited = e
+        kind = evaluate.flaw_kind(scene, bad_scene)
+        seen.add(kind)
+        assert evaluate.outside_flaw(img, bad, img, edited["box"]) == 0         # the fix changes only the flaw
+        assert evaluate.outside_flaw(bad, bad, img, edited["box"]) == 0
+        others = [o for o in scene if o["box"] != edited["box"] and
+                  (bad != img)[o["box"][1]:o["box"][3], o["box"][0]:o["box"][2]].sum() == 0]
+        if others:                                # blank an object the flaw left alone: seen outside the flaw
+            o = others[0]
+            moved = img.copy()
+            moved[o["box"][1]:o["box"][3], o["box"][0]:o["box"][2]] = img[0, 0]
+            if (moved != img).any(-1).mean() > 0.01:
+                assert evaluate.outside_flaw(moved, bad, img, edited["box"]) > 0.01
+    assert seen == {"missing object", "swapped colors", "wrong color", "shape swap"}
+
+
 def test_centre_slope_follows_moved_renders_and_ignores_identical_ones():
     """evaluate.nudge_x moves every written x centre and nothing else; centre_slope reads 1 on renders drawn
     where the nudged captions say (each object moved by the captions' difference) and 0 on the same render twice."""
