@@ -518,12 +518,10 @@ def outside_flaw(im2, img1, target, box):
     one pixel. What image1 had right and image2 should keep, to the pixel."""
     flaw = (img1 != target).any(-1)
     x0, y0, x1, y1 = (int(v) for v in box)
-    flaw[max(0, y0):y1, max(0, x0):x1] = True
-    grown = flaw.copy()                           # one pixel of margin: the decoder's edge may move by one
-    grown[1:] |= flaw[:-1]; grown[:-1] |= flaw[1:]
-    g2 = grown.copy()
-    g2[:, 1:] |= grown[:, :-1]; g2[:, :-1] |= grown[:, 1:]
-    return float(((im2 != img1).any(-1) & ~g2).mean())
+    flaw[y0:y1, x0:x1] = True
+    pad, (h, w) = np.pad(flaw, 1), flaw.shape       # one pixel of margin: the decoder's edge may move by one
+    grown = np.any([pad[dy:dy + h, dx:dx + w] for dy in range(3) for dx in range(3)], axis=0)
+    return float(((im2 != img1).any(-1) & ~grown).mean())
 
 
 # ----------------------------------------------------------------------------- self-judgment
