@@ -464,10 +464,10 @@ def edit_eval(model, ae, n, s, device, seed=DETAIL_SEED, batch=64, log=print):
             spec = world.sample_spec(tag, rng, holdout="train")
             img, scene = world.render(spec, rng, holdout="train")
             t1 = enc(world.plan_text(scene)) + end
-            jobs.append((spec, t1, img, enc(world.reflection_text(spec, world.verify(spec, img), scene)) + end, img, None, None))
+            jobs.append((spec, t1, img, enc(world.reflection_text(spec, world.verify(spec, img), scene, detail=True)) + end, img, None, None))
             e = world.edit_flaw(spec, scene, rng)
             if e is not None:
-                jobs.append((spec, t1, e[0], enc(world.reflection_text(spec, e[0], scene, where=e[2]["box"])) + end, img,
+                jobs.append((spec, t1, e[0], enc(world.reflection_text(spec, e[0], scene, where=e[2]["box"], detail=True)) + end, img,
                              e[2]["box"], flaw_kind(scene, e[1])))
     out2, fresh = [], []
     for i in range(0, len(jobs), batch):

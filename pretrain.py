@@ -23,7 +23,8 @@ Task mixture (design section 3). Each sample is a list of segments for model.pac
   region    ... [clean] ... region judge prompt  score : s_i <eos>      (SRUM table 8 format)
   reflect   <bos> prompt <think> plan </think> <vs> [clean flawed] <ve> <think> fix </think> <vs> [noise fixed]
   edit      as reflect, image2 = image1 kept (right) or with its one flaw undone in place (wrong); think2
-            names what and where ("the color is wrong at the top left . redraw : ...")
+            names what and where, then the detailed plan ("the color is wrong at the top left . redraw :
+            a small red square at the top left 9 11 , ...")
   redraw    <bos> <think> caption </think> <|vision_start|> [noise image]   (Unified-GRPO's redraw context;
             half of the captions detailed, with each object's centre in pixels: world.caption(detail=True))
   fact      <bos> a tomato is a red circle . <eos>                      (text only: knowledge)
@@ -39,9 +40,6 @@ Images of knowledge prompts and of counts 5-6 never appear (held out to test tra
 do held-out (colour, shape) pairs or (shape, relation, shape) triples, nor eval prompts.
 --caption_detail F: a share F of the caption samples writes the detailed form, so a caption sampled at
 T = 1 sometimes carries the detail a decoder can use (Unified-GRPO's room to grow).
---edit_focus K: in an edit whose image1 has a flaw, image2's tokens over the flaw (the 16 x 16 px cells where
-image1 and image2 differ) weigh K in the velocity loss, the rest 1: the copy is most of image2's tokens and
-is learned first, the change is a few tokens and is what the edit is for. 1: every token weighs the same.
 --und_transfer: the vqa / judge / region samples draw their prompts from all twelve tags, so the
 understanding side sees knowledge nouns and counts 5-6 (the judge can then read them); t2i, think
 and reflect still never draw them, so generation's transfer test stays a test.
@@ -71,13 +69,13 @@ defaults = dict(
     ema=0.999, t_shift=1.0, cfg_drop=0.1, dtype="bf16", workers=2, seed=0, row_len=160, mix="",
     log_every=50, ckpt_every=1000, eval_every=0, eval_n=8, minutes=0.0, max_minutes=0.0, stop_after=0, dump_grads="",
     own_n=0, own_frac=0.5, own_batch=256, own_reflect=0.0, und_transfer=False, caption_detail=0.0,
-    edit_focus=1.0, ae_init="", ae_steps=3000, ae_minutes=0.0, ae_batch=32, ae_width=16, ae_lr=2e-3, ae_noise=0.2,
+    ae_init="", ae_steps=3000, ae_minutes=0.0, ae_batch=32, ae_width=16, ae_lr=2e-3, ae_noise=0.2,
 )
 choices = dict(stage=("ae", "umm"), dtype=("fp32", "bf16"))
 ranges = dict(depth=">= 1", batch=">= 1", steps=">= 1", lr="> 0", warmup=">= 1", cooldown="0..1", wd=">= 0", clip="> 0",
               ema="0..<1", t_shift="> 0", cfg_drop="0..1", workers=">= 0", log_every=">= 1", ckpt_every=">= 1",
               eval_every=">= 0", eval_n=">= 1", minutes=">= 0", max_minutes=">= 0", stop_after=">= 0", ae_steps=">= 1",
-              own_n=">= 0", own_frac="0..1", own_reflect="0..1", caption_detail="0..1", edit_focus=">= 1", own_batch=">= 1", ae_minutes=">= 0", ae_batch=">= 1", ae_width=">= 8", ae_lr="> 0", ae_noise=">= 0")
+              own_n=">= 0", own_frac="0..1", own_reflect="0..1", caption_detail="0..1", own_batch=">= 1", ae_minutes=">= 0", ae_batch=">= 1", ae_width=">= 8", ae_lr="> 0", ae_noise=">= 0")
 MIX = dict(t2i=0.24, think=0.2, caption=0.1, vqa=0.16, judge=0.07, region=0.07, reflect=0.1, fact=0.06,
            edit=0.0, redraw=0.0)     # weight 0: the default stream is the one the shipped base trained on
 REDRAW_DETAIL = 0.5                  # the share of redraw samples whose caption is the detailed form
@@ -211,51 +209,43 @@ def edit_sample(spec, rng, own):
     """IRG's edit in place: image2 copies image1 and changes only its flaw. A right image1 (a render, or
     with --own_reflect one of the model's own right drawings) is kept as it is, think2 "the image is
     correct . redraw : <its layout>"; a wrong one is the target scene with one constraint broken in
-    place (world.edit_flaw), image2 the target, think2 the problem and its 3x3 cell, then the plan."""
+    place (world.edit_flaw), image2 the target, think2 the problem and its 3x3 cell, then the plan. The plan
+    is the detailed caption: image2 has each object's place to the pixel (an added object's too), so a
+    kept object can stay where image1 has it and the edit is one change, not a guess at a position."""
     if own is not None and own.get("reflect", 0) > 0 and rng.random() < own["reflect"]:
         j = int(rng.integers(len(own["specs"])))
         v = world.verify(own["specs"][j], own["images"][j])
         if v["correct"]:
             spec, img1, scene = own["specs"][j], own["images"][j], v["objects"]
-            return reflect_segments(spec, scene, img1, world.reflection_text(spec, v, scene), img1)
+            return reflect_segments(spec, scene, img1, world.reflection_text(spec, v, scene, detail=True), img1)
     img2, scene = world.render(spec, rng, holdout="train")
     edit = world.edit_flaw(spec, scene, rng) if rng.random() < 2 / 3 else None
     if edit is None:                                    # kept: image2 is image1, to the pixel
-        return reflect_segments(spec, scene, img2, world.reflection_text(spec, img2, scene), img2)
+        return reflect_segments(spec, scene, img2, world.reflection_text(spec, img2, scene, detail=True), img2)
     img1, _, edited = edit
-    return reflect_segments(spec, scene, img1, world.reflection_text(spec, img1, scene, where=edited["box"]), img2,
-                            changed_tokens(img1, img2))
+    return reflect_segments(spec, scene, img1, world.reflection_text(spec, img1, scene, where=edited["box"], detail=True), img2)
 
 
-def changed_tokens(a, b):
-    """bool [N_IMG]: the image tokens (row-major 16 x 16 px cells, as the AE's grid) where two images differ."""
-    g = int(np.sqrt(M.N_IMG))
-    d = (a != b).any(-1)
-    return d.reshape(g, d.shape[0] // g, g, d.shape[1] // g).any((1, 3)).reshape(-1)
-
-
-def reflect_segments(spec, scene, img1, think2, img2, flaw=None):
-    """The reflect / edit sequence: <bos> P <think> plan <vs> [img1 clean] <ve> <think> think2 <vs> [img2 noise].
-    flaw: image2's tokens that differ from image1 (an edit's; --edit_focus weighs them)."""
+def reflect_segments(spec, scene, img1, think2, img2):
+    """The reflect / edit sequence: <bos> P <think> plan <vs> [img1 clean] <ve> <think> think2 <vs> [img2 noise]."""
     enc = world.encode
     return [("text", [M.BOS] + enc(spec["prompt"]) + [M.THINK], 0), ("text", enc(world.plan_text(scene)) + [M.END_THINK, M.VS], 1.0),
             ("img_context", img1), ("text", [M.VE, M.THINK], 0), ("text", enc(think2) + [M.END_THINK, M.VS], 1.0),
-            ("img_noise", img2) if flaw is None else ("img_noise", img2, flaw)]
+            ("img_noise", img2)]
 
 
 def make_batch(seed, step, lo, hi, banned, cfg_drop, t_shift, C, row_len=None, mix=None, own=None, und_transfer=False,
-               caption_detail=0.0, edit_focus=1.0):
+               caption_detail=0.0):
     """Samples lo..hi of the global batch of `step`, packed (on a CPU worker) into rows of
     row_len tokens holding many samples each (None: one sample per row). Each sample has
     its own RNG seeded by (seed, step, index), so the global batch is the same for any number
     of processes and a resumed run sees exactly the data an uninterrupted one would.
     Images stay uint8 (encoded on the device); per noise image this draws
         t = shift(sigmoid(randn)),  t -> s*t / (1 + (s-1)*t)     and   eps ~ N(0, I)
-    CFG dropout: with prob cfg_drop a t2i or redraw sample keeps only <bos> <|vision_start|>.
-    edit_focus != 1: "w_img" [n_images, N_IMG], each noise token's weight in the velocity loss."""
+    CFG dropout: with prob cfg_drop a t2i or redraw sample keeps only <bos> <|vision_start|>."""
     mix = mix or MIX
     tasks, probs = list(mix), np.array(list(mix.values()))
-    samples, images, eps, noise_slots, names, focus = [], [], [], [], [], {}
+    samples, images, eps, noise_slots, names = [], [], [], [], []
     for i in range(lo, hi):
         rng = np.random.default_rng([seed, step, i])
         task = tasks[rng.choice(len(tasks), p=probs / probs.sum())]
@@ -276,8 +266,6 @@ def make_batch(seed, step, lo, hi, banned, cfg_drop, t_shift, C, row_len=None, m
                 segs.append(("noise", len(images) - 1, t))
                 eps.append(torch.from_numpy(rng.standard_normal((M.N_IMG, C)).astype(np.float32)))
                 noise_slots.append(len(images) - 1)
-                if len(seg) > 2:
-                    focus[len(images) - 1] = seg[2]
             else:
                 segs.append(seg)
         samples.append(segs); names.append(task)
@@ -287,10 +275,6 @@ def make_batch(seed, step, lo, hi, banned, cfg_drop, t_shift, C, row_len=None, m
     b["eps_img"] = torch.zeros(len(images), M.N_IMG, C)
     if eps:
         b["eps_img"][noise_slots] = torch.stack(eps)
-    if edit_focus != 1:
-        b["w_img"] = torch.ones(len(images), M.N_IMG)
-        for slot, flaw in focus.items():
-            b["w_img"][slot, torch.from_numpy(flaw)] = edit_focus
     b["tasks"] = names
     return b
 
@@ -315,7 +299,7 @@ class Stream(torch.utils.data.IterableDataset):
         while True:
             yield make_batch(self.a["seed"], step, self.lo, self.hi, banned, self.a["cfg_drop"], self.a["t_shift"], self.C,
                              self.a["row_len"] or None, mix, self.own, self.a["und_transfer"],
-                             self.a["caption_detail"], self.a["edit_focus"])
+                             self.a["caption_detail"])
             step += n
 
 
@@ -368,8 +352,6 @@ def to_device(b, ae, device):
         t = b["t"].view(-1)[g][:, None]
         flat[g] = (1 - t) * x0n + t * eps                      # the target is u = eps - x0
         b["x0"], b["eps"] = x0n.view(-1, M.N_IMG, x0n.shape[-1]), eps.view(-1, M.N_IMG, x0n.shape[-1])
-        if "w_img" in b:                                        # --edit_focus: per-token weights, same order
-            b["w"] = b.pop("w_img")[b["slot"].view(-1)[g], b["ipos"].view(-1)[g]].view(-1, M.N_IMG)
     else:
         b["x0"] = b["eps"] = None
     return b
@@ -552,7 +534,7 @@ def main(argv=None):
         n_img = all_sum(v.shape[0]).item()
         loss_text = (ce * b["lw"]).sum() / max(n_lab, 1) * world_size
         if v.shape[0]:   # mean((v - (eps - x0))^2): the fused Triton kernel on CUDA, its twin elsewhere
-            loss_img = velocity_loss(v.view_as(b["x0"]), b["eps"], b["x0"], b.get("w")) * v.shape[0] / n_img * world_size
+            loss_img = velocity_loss(v.view_as(b["x0"]), b["eps"], b["x0"]) * v.shape[0] / n_img * world_size
         else:
             loss_img = v.sum() * 0
         loss = loss_text + loss_img

@@ -445,42 +445,6 @@ def test_edit_and_redraw_samples_are_what_they_claim_and_leave_the_default_strea
         assert a["tasks"] == b["tasks"] and all(torch.equal(a[k], b[k]) for k in a if torch.is_tensor(a[k]))
 
 
-def test_edit_focus_weighs_exactly_the_tokens_an_edit_changes():
-    """--edit_focus K: each noise token's loss weight is K where an edit's image2 differs from its image1
-    (its 16 x 16 px cell holds a changed pixel) and 1 everywhere else (kept pairs, other tasks); the rows,
-    images and noise are those of --edit_focus 1, and to_device hands the weights over in the velocities'
-    order."""
-    import pretrain as P
-    banned, mix = world.eval_prompts(), {"edit": 0.6, "t2i": 0.2, "redraw": 0.2}
-    ae = M.PaletteAE(w=16).eval().requires_grad_(False)
-    n_flawed = 0
-    for step in range(3):
-        a = P.make_batch(0, step, 0, 16, banned, 0.1, 1.0, 32, 160, mix, edit_focus=4.0)
-        b = P.make_batch(0, step, 0, 16, banned, 0.1, 1.0, 32, 160, mix)
-        assert "w_img" not in b and a["tasks"] == b["tasks"]
-        assert all(torch.equal(a[k], b[k]) for k in b if torch.is_tensor(b[k]))
-        w = a["w_img"]
-        # the noise slot of sample i is the last image of its segments; recompute each edit's changed cells
-        slot = -1
-        for i, task in enumerate(a["tasks"]):
-            rng = np.random.default_rng([0, step, i])
-            rng.choice(len(mix), p=np.array(list(mix.values())) / sum(mix.values()))     # make_batch's task draw
-            segs = P.make_sample(task, rng, banned)
-            imgs = [sg[1] for sg in segs if sg[0].startswith("img")]
-            slot += len(imgs)
-            want = torch.ones(M.N_IMG)
-            if task == "edit" and not np.array_equal(imgs[0], imgs[1]):
-                cells = (imgs[0] != imgs[1]).any(-1).reshape(4, 16, 4, 16).any((1, 3)).reshape(-1)
-                want[torch.from_numpy(cells)] = 4.0
-                n_flawed += 1
-            assert torch.equal(w[slot], want), (task, w[slot], want)
-        d = P.to_device(a, ae, "cpu")
-        g = d["gen_idx"]
-        assert torch.equal(d["w"], w[d["slot"].view(-1)[g], d["ipos"].view(-1)[g]].view(-1, M.N_IMG))
-        assert d["w"].shape == d["x0"].shape[:2]
-    assert n_flawed >= 3
-
-
 def test_srum_rounds_draw_fresh_candidates_and_a_killed_run_resumes_to_the_same_weights(ckpt, tmp_path, monkeypatch):
     """--rounds 2: the second half of the steps trains on candidates the policy draws after the first
     half, judged by the frozen copy of the base; killed in round 2, --resume reads round 2's saved

@@ -939,13 +939,15 @@ def edit_flaw(spec, scene, rng):
 REDRAW = "redraw :"     # think2's words before its plan (model.redraw_plan reads the plan after them)
 
 
-def reflection_text(spec, img_or_verdict, target_scene, where=None):
+def reflection_text(spec, img_or_verdict, target_scene, where=None, detail=False):
     """IRG's reflection (think2): what is wrong, then the plan to redraw. where: the box of the one
     object an in-place edit changes; the reflection then also names its 3x3 cell ("the color is
-    wrong at the top left . redraw : ..."), so image2 can copy image1 and change only that place."""
+    wrong at the top left . redraw : ..."), so image2 can copy image1 and change only that place.
+    detail: the plan is the detailed caption (each object's centre in pixels), so an object the edit
+    adds or redraws has its place to the pixel, and the plan of a kept image is image1's own."""
     v = img_or_verdict if isinstance(img_or_verdict, dict) else verify(spec, img_or_verdict)
     at = "" if where is None or v["correct"] else " at the " + GRID[_cell(where)[0]][_cell(where)[1]]
-    return f"{v['problem']}{at} . {REDRAW} {caption(target_scene)}"
+    return f"{v['problem']}{at} . {REDRAW} {caption(target_scene, detail)}"
 
 # -----------------------------------------------------------------------------
 # prompt files
