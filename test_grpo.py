@@ -119,6 +119,15 @@ def test_first_inner_step_ratio_is_one_and_clipping_is_inactive():
     assert all(torch.equal(g0, g1) for g0, g1 in zip(grads[0][1], grads[1][1]))
 
 
+def test_detail_share_counts_the_chunks_with_a_centre():
+    scene = [dict(shape="square", color="red", size="small", box=(4, 4, 12, 12)),
+             dict(shape="circle", color="blue", size="large", box=(40, 40, 60, 60))]
+    assert U.detail_share(world.caption(scene)) == 0.0 and U.detail_share(world.caption(scene, detail=True)) == 1.0
+    short, det = world.caption(scene).rstrip(" ."), world.caption(scene, detail=True).rstrip(" .")
+    assert U.detail_share(short.split(" , ")[0] + " , " + det.split(" , ")[1] + " .") == 0.5
+    assert U.detail_share("no caption here") == 0.0
+
+
 def test_equal_rewards_give_zero_advantage_and_no_nan():
     A = U.group_advantages(np.array([[0.7, 0.7, 0.7, 0.7], [0.0, 0.0, 0.0, 0.0], [0.1, 0.2, 0.3, 0.4]]))
     assert torch.isfinite(A).all()
@@ -212,7 +221,7 @@ def test_end_to_end_frozen_parts_resume_params_all_and_report(tiny_ckpt, tmp_pat
     assert [r["step"] for r in recs] == [1, 2, 3]
     for r in recs:
         assert r["first_ratio"] == [1.0, 1.0]               # the first inner step: r_t = 1 exactly
-        for k in ("reward", "reward_std", "caption_len", "kl", "clip_frac", "scene_f1", "caption_f1"):
+        for k in ("reward", "reward_std", "caption_len", "detail_share", "kl", "clip_frac", "scene_f1", "caption_f1"):
             assert np.isfinite(r[k]), k
     assert any(r["last_ratio"] != [1.0, 1.0] for r in recs)   # the second inner step moved the policy
     s = json.load(open(a / "summary.json"))

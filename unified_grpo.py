@@ -6,6 +6,7 @@ Unified-GRPO: reconstruction RL on the model's own captions (paper 002, "UAE"), 
   python unified_grpo.py --seed 1 --out runs/grpo/s1
   python unified_grpo.py --reward und --out runs/grpo/und_s0         # the offline encoder's cosine (paper form)
   python unified_grpo.py --reward clip --clip_path /path/to/clip     # the paper's CLIP (a LOCAL folder)
+  python unified_grpo.py --reward iou --ckpt data/v13                # where each object landed (a base that reads centres)
   python unified_grpo.py --params all --out runs/grpo/all_s0         # the single-backbone case (UMM-2)
   python unified_grpo.py --out runs/grpo/s0 --resume      # continue a killed run (same weights at the end)
   python unified_grpo.py --report runs/grpo               # median and spread over seeds, gains paired by seed
@@ -25,7 +26,9 @@ The method (paper sections 2.1-2.2 and its appendix), each step:
               understanding tower; clip: a local CLIP) or the exact scene F1 of the detector (--reward
               scene, the default: no real CLIP exists here, and the offline tower's cosine agrees with
               the exact match only weakly within a group -- correlation 0.29 -- where GRPO reads it;
-              12 steps on it lowered the bench's caption F1, docs/LOG.md, 2026-11-25)
+              12 steps on it lowered the bench's caption F1, docs/LOG.md, 2026-11-25), or the matched-box
+              IoU of source and redraw (--reward iou, rewards.matched_iou: where each object landed, the
+              detail a caption's centres carry and the scene F1, keyed by 3x3 cell, cannot see)
   5. GRPO     A_i = (R_i - mean_k R_k) / std_k R_k                                    (paper 2.1)
               r_t^(i)(phi) = pi_phi(y_t | x, y_<t) / pi_phi_old(y_t | x, y_<t)
               J(phi) = 1/G sum_i 1/T_i sum_t [ min(r_t A_i, clip(r_t, 1-eps, 1+eps) A_i) - beta D_KL ]   (Eq. 1-2)
@@ -69,7 +72,7 @@ defaults = dict(
     # evaluation before / after: GenEval-style (eval_n prompts per tag x eval_k) and Unified-Bench
     eval_n=8, eval_k=2, bench_n=48, gen_batch=64,
 )
-choices = dict(reward=("und", "clip", "scene"), params=("und", "all"))
+choices = dict(reward=("und", "clip", "scene", "iou"), params=("und", "all"))
 ranges = dict(images=">= 1", G=">= 2", temperature="> 0", max_caption=">= 1", sample_steps=">= 1", cfg=">= 0",
               shift="> 0", steps=">= 1", mu=">= 1", lr="> 0", eps="0..1", beta=">= 0", clip="> 0", ckpt_every=">= 1",
               eval_n=">= 1", eval_k=">= 1", bench_n=">= 1", gen_batch=">= 1", stop_after=">= 0")
@@ -107,9 +110,18 @@ def caption_batch(z, captions):
                    for i, y in enumerate(captions)], M.PAD, z.shape[-1], z.device)
 
 
+def detail_share(text):
+    """The share of a caption's parsed chunks in the detailed form (with a centre, world.caption(detail=True));
+    0 when none parses."""
+    objs = world.parse_caption(text) or []
+    return sum(o["centre"] is not None for o in objs) / len(objs) if objs else 0.0
+
+
 def make_reward(a, base, ae, device):
     if a["reward"] == "scene":
         return R.scene_f1
+    if a["reward"] == "iou":
+        return R.matched_iou
     if a["reward"] == "clip":
         return R.CLIPCosine(a["clip_path"], device)
     return R.UndCosine(base, ae, device)
@@ -234,6 +246,7 @@ def main(argv=None):
                    reward_group_std=mean(np.repeat(r.reshape(per, G).std(1), G)),
                    groups_with_spread=mean(np.repeat(r.reshape(per, G).std(1) > 1e-6, G)),
                    scene_f1=mean(sf), caption_f1=mean(cap_f1), caption_len=mean([len(t) for t in y]),
+                   detail_share=mean([detail_share(world.decode(t)) for t in y]),
                    ended=mean(ended.cpu().numpy()), kl=all_sum(st["kl"]).item() / world_size,
                    clip_frac=all_sum(st["clip_frac"]).item() / world_size, loss=all_sum(loss.item()).item() / world_size,
                    gnorm=gn.item(), first_ratio=first, last_ratio=(st["ratio_min"], st["ratio_max"]),
@@ -287,7 +300,7 @@ def curves(out):
     """reward, exact scene F1 and caption length over training -> curves.png"""
     recs = [json.loads(l) for l in open(os.path.join(out, "metrics.jsonl")) if '"phase": "train"' in l]
     xs = [r["step"] for r in recs]
-    pictures.curve_png({k: (xs, [r[k] for r in recs]) for k in ("reward", "scene_f1", "caption_len", "caption_f1", "kl")},
+    pictures.curve_png({k: (xs, [r[k] for r in recs]) for k in ("reward", "scene_f1", "caption_len", "detail_share", "caption_f1", "kl")},
                        os.path.join(out, "curves.png"), "unified-grpo")
 
 
