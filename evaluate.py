@@ -293,8 +293,8 @@ def unified_bench(model, ae, n, encoders, device, steps=10, cfg=4.0, shift=3.0, 
                   out_dir=None, batch=64, log=print):
     """Unified-Bench protocol 1: source x -> own greedy caption y -> own image x_hat (`decoder`,
     default the model itself) -> scores. encoders: {name: reward(src, rec)} (pairs convention);
-    scene F1 is always added. Returns dict(name -> mean score, caption_f1, caption_exact,
-    caption_len) and writes grid_unified.png (source | reconstruction, caption at the left)."""
+    scene F1 is always added. Returns dict(name -> mean score, caption_f1, caption_exact (the short form
+    exactly right, centres dropped), caption_len, caption_detail (the share of chunks with a centre)) and writes grid_unified.png (source | reconstruction, caption at the left)."""
     from rewards import scene_f1
     model.eval()
     scenes = bench_scenes(n)
@@ -319,8 +319,9 @@ def unified_bench(model, ae, n, encoders, device, steps=10, cfg=4.0, shift=3.0, 
                caption_precision=tp / max(1, sum(sum(g_.values()) for g_ in got)),
                caption_recall=tp / max(1, sum(sum(w.values()) for w in want)),
                caption_f1=float(np.mean([world.caption_score(t, s) for t, s in zip(texts, scenes)])),
-               caption_exact=float(np.mean([t == world.caption(s) for t, s in zip(texts, scenes)])),
-               caption_len=float(np.mean([len(c) for c in caps])), n=n)
+               caption_exact=float(np.mean([short_form(t) == world.caption(s) for t, s in zip(texts, scenes)])),
+               caption_len=float(np.mean([len(c) for c in caps])),
+               caption_detail=float(np.mean([detail_share(t) for t in texts])), n=n)
     if out_dir:
         os.makedirs(out_dir, exist_ok=True)
         k = min(n, 12)
@@ -397,14 +398,14 @@ def detail_eval(model, ae, n, device, seed=DETAIL_SEED, batch=64, log=print):
                                          for sc in scenes[i:i + batch]], device)
             v = M.noise_velocity(model, cache, (1 - LOSS_T) * z0 + LOSS_T * eps, LOSS_T)
             loss[form] += float(((v - (eps - z0)) ** 2).mean(dim=(1, 2)).sum()) / n
-    def detail_share(texts):            # None where no caption names an object the grammar can read
+    def pooled_share(texts):            # detail_share over all chunks; None where no caption names an object
         chunks = [o["centre"] is not None for t in texts for o in world.parse_caption(t) or []]
         return float(np.mean(chunks)) if chunks else None
     res = dict(n=n, iou_short=float(R.matched_iou(src, rec[False]).mean()), iou_detailed=float(R.matched_iou(src, rec[True]).mean()),
                f1_short=float(R.scene_f1(src, rec[False]).mean()), f1_detailed=float(R.scene_f1(src, rec[True]).mean()),
                centre_slope=centre_slope(rec[-NUDGE], rec[NUDGE], 2 * NUDGE),
                centre_loss_gap=(loss[NUDGE] + loss[-NUDGE]) / (2 * loss[True]) - 1,
-               detail_share_t1=detail_share(own[1.0]), detail_share_greedy=detail_share(own[0.0]),
+               detail_share_t1=pooled_share(own[1.0]), detail_share_greedy=pooled_share(own[0.0]),
                greedy_short_exact=float(np.mean([t == world.caption(sc) for t, sc in zip(own[0.0], scenes)])))
     log(f"detail on {n} fresh scenes: redraw IoU from short captions {res['iou_short']:.3f}, from detailed ones "
         f"{res['iou_detailed']:.3f} (scene F1 {res['f1_short']:.3f} / {res['f1_detailed']:.3f}); objects move "
@@ -417,6 +418,22 @@ def detail_eval(model, ae, n, device, seed=DETAIL_SEED, batch=64, log=print):
 
 NUDGE = 5       # px: detail_eval moves every written x centre by -NUDGE and +NUDGE
 LOSS_T = 0.8    # the noise level of detail_eval's loss gap: where the layout is still being decided
+
+
+def short_form(caption):
+    """A caption with each chunk's centre ("... at the top 31 9") dropped: the short form its detailed form
+    adds to, so a detailed caption is exactly right when its short form is (the centres are scored apart)."""
+    chunks = []
+    for c in caption.rstrip(" .").split(" , "):
+        t = c.split()
+        chunks.append(" ".join(t[:-2] if len(t) > 2 and t[-1].isdigit() and t[-2].isdigit() else t))
+    return " , ".join(chunks) + " ."
+
+
+def detail_share(caption):
+    """The share of a caption's parsed chunks in the detailed form (with a centre); 0 when none parses."""
+    objs = world.parse_caption(caption) or []
+    return sum(o["centre"] is not None for o in objs) / len(objs) if objs else 0.0
 
 
 def nudge_x(caption, dx):

@@ -119,13 +119,25 @@ def test_first_inner_step_ratio_is_one_and_clipping_is_inactive():
     assert all(torch.equal(g0, g1) for g0, g1 in zip(grads[0][1], grads[1][1]))
 
 
-def test_detail_share_counts_the_chunks_with_a_centre():
+def test_detail_share_and_short_form_read_the_detailed_chunks():
+    """evaluate.detail_share: the share of chunks with a centre; short_form drops the centres, so a detailed
+    caption of a scene has the scene's short caption as its short form (the bench's caption_exact)."""
+    import evaluate as E
     scene = [dict(shape="square", color="red", size="small", box=(4, 4, 12, 12)),
              dict(shape="circle", color="blue", size="large", box=(40, 40, 60, 60))]
-    assert U.detail_share(world.caption(scene)) == 0.0 and U.detail_share(world.caption(scene, detail=True)) == 1.0
-    short, det = world.caption(scene).rstrip(" ."), world.caption(scene, detail=True).rstrip(" .")
-    assert U.detail_share(short.split(" , ")[0] + " , " + det.split(" , ")[1] + " .") == 0.5
-    assert U.detail_share("no caption here") == 0.0
+    short, det = world.caption(scene), world.caption(scene, detail=True)
+    assert E.detail_share(short) == 0.0 and E.detail_share(det) == 1.0 and E.detail_share("no caption here") == 0.0
+    assert E.detail_share(short.rstrip(" .").split(" , ")[0] + " , " + det.rstrip(" .").split(" , ")[1] + " .") == 0.5
+    assert det != short and E.short_form(det) == short and E.short_form(short) == short
+
+
+def test_shuffled_rewards_keep_each_group_and_lose_the_pairing():
+    """The control (--shuffle_rewards): every group keeps its own rewards (so its mean, spread and the
+    share of groups with spread are the run's), in another order for some group."""
+    r = np.arange(32, dtype=np.float32).reshape(8, 4)
+    s = U.shuffle_within_groups(r, np.random.default_rng(0))
+    assert np.array_equal(np.sort(s, 1), r) and not np.array_equal(s, r)
+    assert np.array_equal(U.shuffle_within_groups(r, np.random.default_rng(0)), s)     # deterministic: resume
 
 
 def test_equal_rewards_give_zero_advantage_and_no_nan():

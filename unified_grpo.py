@@ -8,6 +8,7 @@ Unified-GRPO: reconstruction RL on the model's own captions (paper 002, "UAE"), 
   python unified_grpo.py --reward clip --clip_path /path/to/clip     # the paper's CLIP (a LOCAL folder)
   python unified_grpo.py --reward iou --ckpt data/v13                # where each object landed (a base that reads centres)
   python unified_grpo.py --params all --out runs/grpo/all_s0         # the single-backbone case (UMM-2)
+  python unified_grpo.py --shuffle_rewards --out runs/grpo/shuf_s0   # the control: each group's rewards permuted
   python unified_grpo.py --out runs/grpo/s0 --resume      # continue a killed run (same weights at the end)
   python unified_grpo.py --report runs/grpo               # median and spread over seeds, gains paired by seed
 
@@ -66,7 +67,7 @@ defaults = dict(
     ckpt="data/base", out="runs/grpo/s0", seed=0, resume=False, overwrite=False, report="", stop_after=0,
     # rollouts: G captions per image at T = 1 (paper), each redrawn by the frozen decoder
     images=16, G=4, temperature=1.0, max_caption=48, sample_steps=10, cfg=4.0, shift=3.0, shared_noise=True,
-    reward="scene", clip_path="",
+    reward="scene", clip_path="", shuffle_rewards=False,
     # GRPO (paper: G 4, beta 1e-6, lr 1e-6 at its scale; lr here chosen by measurement, docs/LOG.md)
     params="und", steps=30, mu=2, lr=5e-5, eps=0.2, beta=1e-6, clip=1.0, ckpt_every=5,
     # evaluation before / after: GenEval-style (eval_n prompts per tag x eval_k) and Unified-Bench
@@ -76,6 +77,13 @@ choices = dict(reward=("und", "clip", "scene", "iou"), params=("und", "all"))
 ranges = dict(images=">= 1", G=">= 2", temperature="> 0", max_caption=">= 1", sample_steps=">= 1", cfg=">= 0",
               shift="> 0", steps=">= 1", mu=">= 1", lr="> 0", eps="0..1", beta=">= 0", clip="> 0", ckpt_every=">= 1",
               eval_n=">= 1", eval_k=">= 1", bench_n=">= 1", gen_batch=">= 1", stop_after=">= 0")
+
+
+def shuffle_within_groups(r, rng):
+    """The control run (--shuffle_rewards): each group's rewards [B, G] permuted among its own captions, so
+    the rollouts, the update's size and the reward's spread are the run's and only which caption earned
+    which reward is lost. A gain that remains is the evaluation's noise or the update's, not the reward's."""
+    return np.take_along_axis(r, np.argsort(rng.random(r.shape), 1), 1)
 
 
 def group_advantages(r):
@@ -108,13 +116,6 @@ def caption_batch(z, captions):
     q = [M.VE] + world.encode(evaluate.CAPTION_Q)
     return M.pack([[("text", [M.BOS, M.VS], 0), ("clean", z[i]), ("text", q, 0), ("text", y, 1.0)]
                    for i, y in enumerate(captions)], M.PAD, z.shape[-1], z.device)
-
-
-def detail_share(text):
-    """The share of a caption's parsed chunks in the detailed form (with a centre, world.caption(detail=True));
-    0 when none parses."""
-    objs = world.parse_caption(text) or []
-    return sum(o["centre"] is not None for o in objs) / len(objs) if objs else 0.0
 
 
 def make_reward(a, base, ae, device):
@@ -150,7 +151,7 @@ def check(a, world_size):
 
 
 def label(c):
-    return f"Unified-GRPO (reward {c['reward']}, params {c['params']})"
+    return f"Unified-GRPO (reward {c['reward']}{', shuffled' if c.get('shuffle_rewards') else ''}, params {c['params']})"
 
 
 def main(argv=None):
@@ -223,7 +224,10 @@ def main(argv=None):
         sf = r if a["reward"] == "scene" else R.scene_f1(xs, x_hat)
         cap_f1 = np.array([world.caption_score(world.decode(yi), s) for yi, s in zip(y, [sc for sc in scenes for _ in range(G)])])
         # 5. A_i = (R_i - mean) / std within each group of G
-        A = group_advantages(r.reshape(per, G)).reshape(-1).to(device)
+        rg = r.reshape(per, G)
+        if a["shuffle_rewards"]:                       # the control: same rewards, each group's permuted
+            rg = shuffle_within_groups(rg, np.random.default_rng([a["seed"], step, rank]))
+        A = group_advantages(rg).reshape(-1).to(device)
         with torch.no_grad():
             z = ae.encode(torch.as_tensor(xs, device=device))
             b = caption_batch(z, traj)
@@ -246,7 +250,7 @@ def main(argv=None):
                    reward_group_std=mean(np.repeat(r.reshape(per, G).std(1), G)),
                    groups_with_spread=mean(np.repeat(r.reshape(per, G).std(1) > 1e-6, G)),
                    scene_f1=mean(sf), caption_f1=mean(cap_f1), caption_len=mean([len(t) for t in y]),
-                   detail_share=mean([detail_share(world.decode(t)) for t in y]),
+                   detail_share=mean([evaluate.detail_share(world.decode(t)) for t in y]),
                    ended=mean(ended.cpu().numpy()), kl=all_sum(st["kl"]).item() / world_size,
                    clip_frac=all_sum(st["clip_frac"]).item() / world_size, loss=all_sum(loss.item()).item() / world_size,
                    gnorm=gn.item(), first_ratio=first, last_ratio=(st["ratio_min"], st["ratio_max"]),
