@@ -409,7 +409,8 @@ def test_und_transfer_reaches_understanding_only():
 
 def test_edit_and_redraw_samples_are_what_they_claim_and_leave_the_default_stream_alone():
     """pretrain.py's edit task: a kept pair's image2 is image1 to the pixel (think2 "the image is correct");
-    an edited pair differs only inside the box of the one object its think2 names (with that box's cell).
+    an edited pair differs only inside the box of the one object its think2 names (with that box's cell);
+    either way think2's plan is the detailed caption (each object's centre).
     The redraw task reads a caption in Unified-GRPO's context. With the new tasks at weight 0 and
     --caption_detail 0, the default stream is the one the shipped base trained on, batch for batch."""
     import pretrain as P
@@ -419,6 +420,8 @@ def test_edit_and_redraw_samples_are_what_they_claim_and_leave_the_default_strea
         segs = P.make_sample("edit", np.random.default_rng([9, i]), banned)
         img1, img2 = segs[2][1], segs[5][1]
         t2 = world.decode(segs[4][1])
+        plan = world.parse_caption(t2.split(world.REDRAW)[1].split(" </think>")[0])
+        assert plan and all(o["centre"] is not None for o in plan), t2     # the plan is the detailed caption
         if t2.startswith(world.PROBLEMS["ok"]):
             kinds["kept"] += 1
             assert np.array_equal(img1, img2)
