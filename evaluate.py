@@ -423,11 +423,7 @@ LOSS_T = 0.8    # the noise level of detail_eval's loss gap: where the layout is
 def short_form(caption):
     """A caption with each chunk's centre ("... at the top 31 9") dropped: the short form its detailed form
     adds to, so a detailed caption is exactly right when its short form is (the centres are scored apart)."""
-    chunks = []
-    for c in caption.rstrip(" .").split(" , "):
-        t = c.split()
-        chunks.append(" ".join(t[:-2] if len(t) > 2 and t[-1].isdigit() and t[-2].isdigit() else t))
-    return " , ".join(chunks) + " ."
+    return " , ".join(" ".join(world.split_centre(c.split())[0]) for c in caption.rstrip(" .").split(" , ")) + " ."
 
 
 def detail_share(caption):
@@ -441,9 +437,9 @@ def nudge_x(caption, dx):
     words kept: a decoder that reads the numbers moves its objects with them, one that does not draws the same."""
     chunks = []
     for c in caption.rstrip(" .").split(" , "):
-        t = c.split()
-        if len(t) > 2 and t[-1].isdigit() and t[-2].isdigit():
-            t[-2] = str(min(max(int(t[-2]) + dx, 0), world.W - 1))
+        t, centre = world.split_centre(c.split())
+        if centre is not None:
+            t = t + [str(min(max(centre[0] + dx, 0), world.W - 1)), str(centre[1])]
         chunks.append(" ".join(t))
     return " , ".join(chunks) + " ."
 
@@ -500,7 +496,7 @@ def edit_eval(model, ae, n, s, device, seed=DETAIL_SEED, batch=64, log=print):
             kept.append(world.verify(spec, im2)["correct"])
         else:
             fixed.append(world.verify(spec, im2)["correct"])
-            rest.append(outside_flaw(im2, img1, target, edited["box"], edited) < 0.01)
+            rest.append(outside_flaw(im2, img1, target, edited) < 0.01)
             fresh_ok.append(world.verify(spec, fr)["correct"])
             kinds.append(kind)
     fixed, rest, kinds = np.array(fixed, bool), np.array(rest, bool), np.array(kinds)
@@ -529,16 +525,16 @@ def flaw_kind(scene, bad_scene):
     return "wrong color" if diff[0][0]["color"] != diff[0][1]["color"] else "shape swap"
 
 
-def outside_flaw(im2, img1, target, box, edited=None):
+def outside_flaw(im2, img1, target, edited, own_box=True):
     """The share of image2's pixels that differ from image1 outside the flaw: outside the edited object's
-    box and every pixel where image1 and the target differ (both objects of a colour swap), each grown by
-    one pixel. edited: the edited object as the target has it; then the flaw also covers the box of the
-    object image2 draws for it (world.detect's nearest one of its colour and shape): the edit may place
-    the object it adds or redraws a few pixels off the target's box (the decoder's placement, not a
-    change to the rest). What image1 had right and image2 should keep, to the pixel."""
-    flaw = (img1 != target).any(-1)
+    box (edited: the object as the target has it) and every pixel where image1 and the target differ (both
+    objects of a colour swap), each grown by one pixel. own_box: the flaw also covers the box of the object
+    image2 draws for it (world.detect's nearest one of its colour and shape): the edit may place the object
+    it adds or redraws a few pixels off the target's box (the decoder's placement, not a change to the
+    rest). What image1 had right and image2 should keep, to the pixel."""
+    flaw, box = (img1 != target).any(-1), edited["box"]
     boxes = [box]
-    if edited is not None:
+    if own_box:
         cx, cy = (box[0] + box[2]) / 2, (box[1] + box[3]) / 2
         same = [o["box"] for o in world.detect(im2) if o["color"] == edited["color"] and o["shape"] == edited["shape"]]
         if same:

@@ -384,7 +384,7 @@ def test_evaluate_py_detail_and_edits(tiny_ckpt, tmp_path):
 def test_outside_flaw_spares_every_object_the_flaw_changed_and_sees_the_rest():
     """evaluate.outside_flaw: the target and image1 itself change nothing outside the flaw, for every kind
     world.edit_flaw makes (a colour swap changes two objects: both are the flaw's); moving an object the
-    flaw did not touch is seen, also when image2's own box for the edited object is spared (edited); an
+    flaw did not touch is seen, also when image2's own box for the edited object is spared (own_box); an
     added object drawn a few pixels off the target's box is the edit, not a change to the rest. flaw_kind
     names each kind."""
     import evaluate
@@ -398,16 +398,16 @@ def test_outside_flaw_spares_every_object_the_flaw_changed_and_sees_the_rest():
         bad, bad_scene, edited = e
         kind = evaluate.flaw_kind(scene, bad_scene)
         seen.add(kind)
-        assert evaluate.outside_flaw(img, bad, img, edited["box"]) == 0         # the fix changes only the flaw
-        assert evaluate.outside_flaw(bad, bad, img, edited["box"]) == 0
+        assert evaluate.outside_flaw(img, bad, img, edited, own_box=False) == 0         # the fix changes only the flaw
+        assert evaluate.outside_flaw(bad, bad, img, edited, own_box=False) == 0
         if kind == "missing object":              # the added object drawn 3 px off the target's box: still the edit
             b = edited["box"]
             dx = 3 if b[2] + 3 <= world.W else -3
             off = world.draw([o for o in bad_scene] + [dict(edited, box=(b[0] + dx, b[1], b[2] + dx, b[3]))])
             if not any(max(b[0], o["box"][0] - 4) < min(b[2], o["box"][2] + 4) and max(b[1], o["box"][1] - 4) <
                        min(b[3], o["box"][3] + 4) for o in bad_scene):        # no other object within 4 px of it
-                assert evaluate.outside_flaw(off, bad, img, edited["box"], edited) == 0
-                assert evaluate.outside_flaw(off, bad, img, edited["box"]) > 0
+                assert evaluate.outside_flaw(off, bad, img, edited) == 0
+                assert evaluate.outside_flaw(off, bad, img, edited, own_box=False) > 0
                 n_off += 1
         others = [o for o in scene if o["box"] != edited["box"] and
                   (bad != img)[o["box"][1]:o["box"][3], o["box"][0]:o["box"][2]].sum() == 0]
@@ -416,8 +416,8 @@ def test_outside_flaw_spares_every_object_the_flaw_changed_and_sees_the_rest():
             moved = img.copy()
             moved[o["box"][1]:o["box"][3], o["box"][0]:o["box"][2]] = img[0, 0]
             if (moved != img).any(-1).mean() > 0.01:
-                assert evaluate.outside_flaw(moved, bad, img, edited["box"]) > 0.01
-                assert evaluate.outside_flaw(moved, bad, img, edited["box"], edited) > 0.01
+                assert evaluate.outside_flaw(moved, bad, img, edited, own_box=False) > 0.01
+                assert evaluate.outside_flaw(moved, bad, img, edited) > 0.01
     assert seen == {"missing object", "swapped colors", "wrong color", "shape swap"} and n_off > 0
 
 

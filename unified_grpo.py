@@ -222,7 +222,8 @@ def main(argv=None):
         r = np.asarray(reward(xs, x_hat), np.float32)
         finite(f"step {step + 1} rewards", r=r)
         sf = r if a["reward"] == "scene" else R.scene_f1(xs, x_hat)
-        cap_f1 = np.array([world.caption_score(world.decode(yi), s) for yi, s in zip(y, [sc for sc in scenes for _ in range(G)])])
+        texts = [world.decode(yi) for yi in y]
+        cap_f1 = np.array([world.caption_score(t, s) for t, s in zip(texts, [sc for sc in scenes for _ in range(G)])])
         # 5. A_i = (R_i - mean) / std within each group of G
         rg = r.reshape(per, G)
         if a["shuffle_rewards"]:                       # the control: same rewards, each group's permuted
@@ -250,7 +251,7 @@ def main(argv=None):
                    reward_group_std=mean(np.repeat(r.reshape(per, G).std(1), G)),
                    groups_with_spread=mean(np.repeat(r.reshape(per, G).std(1) > 1e-6, G)),
                    scene_f1=mean(sf), caption_f1=mean(cap_f1), caption_len=mean([len(t) for t in y]),
-                   detail_share=mean([evaluate.detail_share(world.decode(t)) for t in y]),
+                   detail_share=mean([evaluate.detail_share(t) for t in texts]),
                    ended=mean(ended.cpu().numpy()), kl=all_sum(st["kl"]).item() / world_size,
                    clip_frac=all_sum(st["clip_frac"]).item() / world_size, loss=all_sum(loss.item()).item() / world_size,
                    gnorm=gn.item(), first_ratio=first, last_ratio=(st["ratio_min"], st["ratio_max"]),

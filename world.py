@@ -779,16 +779,21 @@ plan_text = caption
 
 _POS_NAMES = {p for row in GRID for p in row}
 
+def split_centre(words):
+    """A caption chunk's words -> (its words without the centre, the detailed form's (x, y) or None):
+    the detailed form ends a chunk with two numbers ("... at the top 31 9")."""
+    if len(words) > 2 and words[-1].isdigit() and words[-2].isdigit():
+        return words[:-2], (int(words[-2]), int(words[-1]))
+    return words, None
+
+
 def parse_caption(text):
     """Best-effort inverse of caption(): list of {shape, color, size, pos, text, centre} for every
     chunk that parses (malformed chunks are skipped), or None if none does. centre: the detailed
     form's (x, y) in pixels, None for a short chunk."""
     out = []
     for chunk in text.strip().rstrip(".").split(","):
-        t = chunk.split()
-        centre = None
-        if len(t) > 2 and t[-1].isdigit() and t[-2].isdigit():      # the detailed form: "... at the top 31 9"
-            centre, t = (int(t[-2]), int(t[-1])), t[:-2]
+        t, centre = split_centre(chunk.split())
         if len(t) >= 7 and t[:2] == ["the", "number"] and t[3] == "in" and t[5:7] == ["at", "the"]:
             o = {"shape": "number", "color": t[4], "size": None, "pos": " ".join(t[7:]), "text": t[2]}
         elif len(t) >= 6 and t[0] == "a" and t[4:6] == ["at", "the"]:
