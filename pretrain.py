@@ -208,16 +208,22 @@ def make_sample(task, rng, banned, own=None, und_transfer=False, caption_detail=
 def edit_sample(spec, rng, own):
     """IRG's edit in place: image2 copies image1 and changes only its flaw. A right image1 (a render, or
     with --own_reflect one of the model's own right drawings) is kept as it is, think2 "the image is
-    correct . redraw : <its layout>"; a wrong one is the target scene with one constraint broken in
+    correct . redraw : <its layout>"; one of the model's own wrong drawings gets the verifier's problem and
+    a render of the prompt as image2; a wrong render is the target scene with one constraint broken in
     place (world.edit_flaw), image2 the target, think2 the problem and its 3x3 cell, then the plan. The plan
     is the detailed caption: image2 has each object's place to the pixel (an added object's too), so a
     kept object can stay where image1 has it and the edit is one change, not a guess at a position."""
     if own is not None and own.get("reflect", 0) > 0 and rng.random() < own["reflect"]:
         j = int(rng.integers(len(own["specs"])))
-        v = world.verify(own["specs"][j], own["images"][j])
+        spec, img1 = own["specs"][j], own["images"][j]
+        v = world.verify(spec, img1)
         if v["correct"]:
-            spec, img1, scene = own["specs"][j], own["images"][j], v["objects"]
-            return reflect_segments(spec, scene, img1, world.reflection_text(spec, v, scene, detail=True), img1)
+            return reflect_segments(spec, v["objects"], img1, world.reflection_text(spec, v, v["objects"], detail=True), img1)
+        # a wrong drawing of its own has no layout to edit in place, so image2 is a render of the prompt (a
+        # redraw); think2 still says what the verifier finds. Were only the right ones shown, every own image
+        # in an edit would be "correct", and think2, IRG's critic, would learn that the model's drawings are
+        target, scene = world.render(spec, rng, holdout="train")
+        return reflect_segments(spec, scene, img1, world.reflection_text(spec, v, scene, detail=True), target)
     img2, scene = world.render(spec, rng, holdout="train")
     edit = world.edit_flaw(spec, scene, rng) if rng.random() < 2 / 3 else None
     if edit is None:                                    # kept: image2 is image1, to the pixel

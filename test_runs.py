@@ -448,6 +448,31 @@ def test_edit_and_redraw_samples_are_what_they_claim_and_leave_the_default_strea
         assert a["tasks"] == b["tasks"] and all(torch.equal(a[k], b[k]) for k in a if torch.is_tensor(a[k]))
 
 
+def test_an_edit_shows_the_models_own_drawings_right_and_wrong_with_the_verifiers_verdict():
+    """pretrain.py's edit task with --own_reflect: one of the model's own right drawings is kept (image2 =
+    image1, think2 "the image is correct"); a wrong one gets the verifier's problem and a right render of
+    its prompt as image2, so the own images an edit shows are right as often as the pool is (IRG's critic
+    is not taught that the model's drawings are right)."""
+    import pretrain as P
+    banned = world.eval_prompts()
+    rng = np.random.default_rng(5)
+    spec = P.train_spec(rng, banned, ("two_object",))
+    right, _ = world.render(spec, rng, holdout="train")
+    wrong = world.negative(spec, rng, holdout="train")[0]
+    for img, ok in ((right, True), (wrong, False)):
+        own = dict(specs=[spec], images=np.stack([img]), frac=0.0, reflect=1.0)
+        segs = P.make_sample("edit", np.random.default_rng(6), banned, own)
+        assert np.array_equal(segs[2][1], img)                                 # image1: the pool's image
+        think2 = world.decode(segs[4][1][:-2])
+        problem = world.verify(spec, img)["problem"]
+        assert think2.startswith(problem + " . " + world.REDRAW), think2       # the verifier's verdict, no cell
+        assert (problem == world.PROBLEMS["ok"]) == ok
+        assert np.array_equal(segs[5][1], img) == ok                          # kept, or a redraw ...
+        assert world.verify(spec, segs[5][1])["correct"]                        # ... that is right
+        plan = world.parse_caption(think2.split(world.REDRAW)[1])
+        assert plan and all(o["centre"] is not None for o in plan)             # the detailed plan either way
+
+
 def test_srum_rounds_draw_fresh_candidates_and_a_killed_run_resumes_to_the_same_weights(ckpt, tmp_path, monkeypatch):
     """--rounds 2: the second half of the steps trains on candidates the policy draws after the first
     half, judged by the frozen copy of the base; killed in round 2, --resume reads round 2's saved
