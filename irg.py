@@ -7,6 +7,7 @@ reflects on its own drawing, and draws again:
   python irg.py --out runs/irg/s1 --seed 1        # another seed
   python irg.py --out runs/irg/s0 --resume        # continue a killed run (same weights as uninterrupted)
   python irg.py --report runs/irg                 # median and spread over the seeds' runs -> runs/irg/report.md
+  python irg.py --ckpt data/v13 --detail 1 --cfg_text2 2 --cfg_img 1.5   # a base that edits, in its edit format
   python evaluate.py --modes irg --ckpt runs/irg/s0/ckpt      # IRG inference alone on the eval set
 
 Inference (model.irg_generate, the upstream eval script's settings): T1 at T 0.3; image1 with text CFG 4
@@ -17,6 +18,8 @@ knowledge noun, no count of 5-6): initial (P, T1 = a scene's plan, its render) a
 image1, T2, image2): self (image1 the base drew, judged by the verifier: right -> T2 "the image is
 correct", image2 = image1; wrong -> T2 = world.reflection_text, image2 = the nearest render), flaw
 (image1 = world.negative) and edit (image1 = image2's scene with one constraint broken, world.edit_flaw).
+--detail 1 writes them in the edit format of a base that edits (pretrain.edit_sample, data/v13): an edit's
+T2 names the flaw's 3x3 cell, and a self or edit record's plan is the detailed caption (each object's centre).
 The six learning modes (upstream SFT/data/configs/train_toy_dataset_stage{1,2}.yaml; T1 / T2 include
 their </think> <vs>; image1 is context, never a target; a self record's T1 is context only):
   | mode                   | sequence                                   | CE on        | MSE on | stage 1 | stage 2 |
@@ -52,7 +55,7 @@ defaults = dict(
     ckpt="data/base", out="runs/irg", seed=0, resume=False, overwrite=False, report="",
     # IRGL data: prompts per tag (training prompts only), self-drawn image1s per prompt, flaws and edits
     # per prompt, initial renders per prompt, candidate renders for "nearest to image1"
-    n_prompts=24, N=1, n_flaw=1, n_edit=1, n_init=2, near=8,
+    n_prompts=24, N=1, n_flaw=1, n_edit=1, n_init=2, near=8, detail=False,
     # inference (upstream IRG eval script)
     temperature=0.3, max_think=80, sample_steps=25, cfg_text=4.0, cfg_text2=4.0, cfg_img=2.0, cfg_lo1=0.4, cfg_lo2=0.0, shift=3.0,
     gen_batch=60,
@@ -72,7 +75,7 @@ STAGE_WEIGHTS = {1: dict(initial_full=1.0, improving_full=1.0, initial_thinking_
                          initial_thinking_und=0.5, improving_thinking_und=0.5),
                  2: dict(initial_full=1.0, improving_full=1.0)}
 # settings that make the IRGL data and the base's evals: a --resume must match them (runs.saved_rollouts)
-MADE_WITH = ("ckpt", "seed", "n_prompts", "N", "n_flaw", "n_edit", "n_init", "near", "temperature", "max_think",
+MADE_WITH = ("ckpt", "seed", "n_prompts", "N", "n_flaw", "n_edit", "n_init", "near", "detail", "temperature", "max_think",
              "sample_steps", "cfg_text", "cfg_text2", "cfg_img", "cfg_lo1", "cfg_lo2", "shift", "eval_n", "eval_k")
 
 
@@ -111,7 +114,7 @@ def train_specs(a):
 def build_irgl(model, ae, specs, a, device, log):
     """The records the six modes read (see the docstring). Deterministic given a["seed"]."""
     rng = np.random.default_rng(30_000 + a["seed"])
-    enc = world.encode
+    enc, d = world.encode, a["detail"]
     end = [M.END_THINK, M.VS]
     initial, improving = [], []
     for s in specs:
@@ -129,10 +132,10 @@ def build_irgl(model, ae, specs, a, device, log):
         for _ in range(a["n_edit"]):
             fix, scene = world.render(s, rng, holdout="train")
             edit = world.edit_flaw(s, scene, rng)
-            if edit is not None:
+            if edit is not None:                    # --detail: think2 also names the flaw's 3x3 cell
+                t2 = world.reflection_text(s, edit[0], scene, where=edit[2]["box"] if d else None, detail=d)
                 improving.append(dict(spec=s, t1=enc(world.plan_text(scene)) + end, t1_loss=True, img1=edit[0],
-                                      t2=enc(world.reflection_text(s, edit[0], scene)) + end, img2=fix, source="edit",
-                                      right1=False))
+                                      t2=enc(t2) + end, img2=fix, source="edit", right1=False))
     # self: image1 drawn by the model itself (IRG's steps 1-2), judged by the verifier
     jobs = [s for s in specs for _ in range(a["N"])]
     gen = torch.Generator(device).manual_seed(1000 + a["seed"])
@@ -143,10 +146,10 @@ def build_irgl(model, ae, specs, a, device, log):
         for s, t, sw, im in zip(chunk, t1, sw1.tolist(), img1.cpu().numpy()):
             v = world.verify(s, im)
             if v["correct"]:                        # keep: think2 says so, image2 is image1
-                t2, im2 = world.reflection_text(s, v, v["objects"]), im
+                t2, im2 = world.reflection_text(s, v, v["objects"], detail=d), im
             else:                                   # fix: what is wrong, the layout of the nearest render
                 im2, scene = nearest_render(s, im, rng, a["near"])
-                t2 = world.reflection_text(s, v, scene)
+                t2 = world.reflection_text(s, v, scene, detail=d)
             improving.append(dict(spec=s, t1=list(t) + ([] if sw else [M.VS]), t1_loss=False, img1=im,
                                   t2=enc(t2) + end, img2=im2, source="self", right1=bool(v["correct"])))
         prog(min(i + a["gen_batch"], len(jobs)))

@@ -108,6 +108,6 @@ def curve_png(series, path, title=""):
         d.line([pad, top + H - pad, W - pad, top + H - pad], fill=(0, 0, 0))
         if len(pts) > 1:
             d.line(pts, fill=(60, 110, 200), width=2)
-        d.text((pad, top + 4), f"{title} {name}: {lo:.3f} .. {hi:.3f}", fill=(0, 0, 0), font=_font())
+        d.text((pad, top + 4), f"{title + ': ' if title else ''}{name}: {lo:.3f} .. {hi:.3f}", fill=(0, 0, 0), font=_font())
         d.text((W - pad - 40, top + H - pad + 4), f"step {x_hi}", fill=(0, 0, 0), font=_font())
     im.save(path)

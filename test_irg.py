@@ -334,6 +334,31 @@ def test_evaluate_py_irg_mode(tiny_ckpt, tmp_path):
         evaluate.main(["--ckpt", tiny_ckpt, "--modes", "reflect"])
 
 
+def test_irgl_records_in_the_edit_format_name_the_cell_and_plan_in_detail():
+    """irg.py --detail 1: an edit record's think2 names the 3x3 cell of the object its image1 broke, and
+    its plan is the detailed caption of image2's scene; --detail 0 (the default) writes the records as
+    before: no cell, the short plan, the same images."""
+    import irg
+    a = dict(irg.defaults, n_prompts=12, N=0, n_flaw=0, n_edit=1, n_init=1)
+    specs = irg.train_specs(a)[:6]
+    _, short = irg.build_irgl(None, None, specs, a, "cpu", print)
+    _, det = irg.build_irgl(None, None, specs, dict(a, detail=True), "cpu", print)
+    assert len(short) == len(det) >= 3
+    key = lambda o: (o["shape"], o["color"], tuple(o["box"]))                     # noqa: E731
+    for r0, r1 in zip(short, det):
+        assert np.array_equal(r0["img1"], r1["img1"]) and np.array_equal(r0["img2"], r1["img2"])
+        t0, t1 = world.decode(r0["t2"][:-2]), world.decode(r1["t2"][:-2])
+        problem = world.verify(r1["spec"], r1["img1"])["problem"]
+        assert t0.startswith(problem + " . " + world.REDRAW) and t1.startswith(problem + " at the "), (t0, t1)
+        cell = t1[len(problem + " at the "):].split(" . ")[0]
+        o1, o2 = world.detect(r1["img1"]), world.detect(r1["img2"])
+        changed = [o for o in o2 if key(o) not in set(map(key, o1))] + [o for o in o1 if key(o) not in set(map(key, o2))]
+        assert cell in {world.GRID[world._cell(o["box"])[0]][world._cell(o["box"])[1]] for o in changed}, (t1, changed)
+        plan0, plan1 = (world.parse_caption(t.split(world.REDRAW)[1]) for t in (t0, t1))
+        assert all(o["centre"] is None for o in plan0) and all(o["centre"] is not None for o in plan1)
+        assert world.caption_score(t1.split(world.REDRAW)[1], o2) == 1.0       # the plan is image2's layout
+
+
 def test_plan_split_by_hand():
     import evaluate
     T, F = True, False
