@@ -221,7 +221,7 @@ def edit_sample(spec, rng, own):
             return reflect_segments(spec, v["objects"], img1, world.reflection_text(spec, v, v["objects"], detail=True), img1)
         # a wrong drawing of its own has no layout to edit in place, so image2 is a render of the prompt (a
         # redraw); think2 still says what the verifier finds. Were only the right ones shown, every own image
-        # in an edit would be "correct", and think2, IRG's critic, would learn that the model's drawings are
+        # in an edit would be "correct", and think2, IRG's critic, would learn that the model's drawings are right
         target, scene = world.render(spec, rng, holdout="train")
         return reflect_segments(spec, scene, img1, world.reflection_text(spec, v, scene, detail=True), target)
     img2, scene = world.render(spec, rng, holdout="train")

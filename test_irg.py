@@ -428,7 +428,7 @@ def test_outside_flaw_spares_every_object_the_flaw_changed_and_sees_the_rest():
         if kind == "missing object":              # the added object drawn 3 px off the target's box: still the edit
             b = edited["box"]
             dx = 3 if b[2] + 3 <= world.W else -3
-            off = world.draw([o for o in bad_scene] + [dict(edited, box=(b[0] + dx, b[1], b[2] + dx, b[3]))])
+            off = world.draw(list(bad_scene) + [dict(edited, box=(b[0] + dx, b[1], b[2] + dx, b[3]))])
             if not any(max(b[0], o["box"][0] - 4) < min(b[2], o["box"][2] + 4) and max(b[1], o["box"][1] - 4) <
                        min(b[3], o["box"][3] + 4) for o in bad_scene):        # no other object within 4 px of it
                 assert evaluate.outside_flaw(off, bad, img, edited) == 0
