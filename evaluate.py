@@ -8,6 +8,7 @@ GenEval-style evaluation of a nanoUMM checkpoint on the fixed eval set (data/eva
   python evaluate.py --unified 32 --clip /path/to/clip    # ... also scored under a local CLIP
   python evaluate.py --modes irg             # IRG inference (paper 003): think1, image1, think2, image2
   python evaluate.py --auroc 20 --modes "" --und 0    # does the model's understanding judge its own images?
+  python evaluate.py --ckpt data/v13 --auroc 40 --auroc_drawer data/base --modes "" --und 0   # ... another's images
   python evaluate.py --captions 400 --modes "" --und 0 # greedy captions of fresh renders: exact and F1
   python evaluate.py --detail 200 --modes "" --und 0   # redraws from short vs detailed captions (matched-box IoU)
   python evaluate.py --edits 10 --modes "" --und 0     # image2 under a given reflection: kept pixels, fixed flaws
@@ -47,7 +48,7 @@ from common import parse_args, Progress, check_model_dir, claim_run_dir
 defaults = dict(ckpt="data/base", eval="data/eval.jsonl", out="runs/eval", n=50, k=4, batch=96,
                 sample_steps=25, cfg=4.0, shift=3.0, temperature=0.7, max_think=64, seed=0,
                 modes="think,forced", und=True, grid_cols=8, irg_max_think=80, unified=0, unified_steps=10,
-                encoder="data/base", clip="", auroc=0, captions=0, detail=0, edits=0, irg_cfg_text2=4.0, irg_cfg_img=2.0, irg_best2=False)
+                encoder="data/base", clip="", auroc=0, auroc_drawer="", captions=0, detail=0, edits=0, irg_cfg_text2=4.0, irg_cfg_img=2.0, irg_best2=False)
 # IRG inference (--modes irg), the upstream IRG eval script's settings (design.md section 4): --irg_max_think
 # (80, as irg.py) bounds each think; --irg_cfg_text2 / --irg_cfg_img: image2's guidance, as irg.py's --cfg_text2 /
 # --cfg_img; --irg_best2 1: the control, a second independent think1 + image1 per prompt, the critic's pick
@@ -566,17 +567,20 @@ def auroc(scores, labels):
 
 
 @torch.no_grad()
-def self_judgment(model, ae, n, a, device, seed=4321):
+def self_judgment(model, ae, n, a, device, seed=4321, drawer=None):
     """How well the model's own understanding separates its correct from its wrong generations
     (SRUM's premise). A fresh prompt set (n per tag, drawn with another
     seed than data/eval.jsonl), one think-mode image each with evaluate.py's sampler, labelled by
     the exact verifier; then the AUROC of the self VQAScore (P(yes)) and of the self-judge's lowest
     score (global or region, rewards.SelfJudge) against those labels, and how often the judge's scores
-    equal the rubric's (world.judge_scores) on the same images and boxes."""
+    equal the rubric's (world.judge_scores) on the same images and boxes. drawer (model, ae), --auroc_drawer:
+    the images are another checkpoint's, so two judges can be compared on one image set (an AUROC on own
+    images moves with how hard the drawer's wrong images are to see, not only with the judge)."""
     import rewards as R
     rng = np.random.default_rng(seed)
     specs = [world.sample_spec(t, rng, holdout="any") for t in world.TAGS for _ in range(n)]
-    correct, _, imgs, _ = gen_scores(model, ae, specs, "think", dict(a, k=1), device)
+    dm, dae = drawer or (model, ae)
+    correct, _, imgs, _ = gen_scores(dm, dae, specs, "think", dict(a, k=1), device)
     vqa = R.SelfVQA(model, ae, device)(specs, imgs)
     g, regions = R.SelfJudge(model, ae, device).judge(specs, imgs)
     # the rubric's own scores on the same images and boxes (world.judge_scores, SRUM tables 7-8)
@@ -587,13 +591,13 @@ def self_judgment(model, ae, n, a, device, seed=4321):
     grid = lambda x: np.array([float(world.format_score(v)) for v in x])  # noqa: E731
     # the worst a judge says of an image: its global score or its lowest region score
     lowest = lambda gs, regs: [min([x] + [v for _, v in r]) for x, r in zip(gs, regs)]  # noqa: E731
-    res = dict(n=len(specs), correct_rate=float(np.mean(correct)), auroc_vqa=auroc(vqa, correct),
+    res = dict(n=len(specs), correct_rate=float(np.mean(correct)), mean_p_yes=float(np.mean(vqa)), auroc_vqa=auroc(vqa, correct),
                auroc_judge=auroc(lowest(g, regions), correct),
                auroc_rubric=auroc(lowest(g_i, [r for _, r in ideal]), correct),   # the rubric's own ceiling
                global_agree=float(np.mean(grid(g) == g_i)),
                region_agree=float(np.mean(grid(s_j) == s_i)) if len(s_j) == len(s_i) and len(s_j) else None)
     fmt = lambda x: "n/a" if x is None else f"{x:.3f}"  # noqa: E731
-    print(f"self-judgment on {len(specs)} fresh think-mode images ({res['correct_rate']:.3f} correct): "
+    print(f"self-judgment on {len(specs)} fresh think-mode images{' of --auroc_drawer' if drawer else ''} ({res['correct_rate']:.3f} correct): "
           f"AUROC self VQAScore {fmt(res['auroc_vqa'])}, self-judge (lowest of global and region scores) "
           f"{fmt(res['auroc_judge'])} (the rubric's own scores: {fmt(res['auroc_rubric'])}); the judge's scores "
           f"on the rubric's grid equal the rubric's: global {fmt(res['global_agree'])}, regions {fmt(res['region_agree'])}")
@@ -608,6 +612,10 @@ def main(argv=None):
     # a method's run folder holds its own after-eval as summary.json: never replaced from here
     claim_run_dir(a["out"], False, False, "evaluate.py", fix="its summary.json is the run's own: pass another --out "
                   f"(e.g. {os.path.join(a['out'], 'eval')})")
+    if a["auroc_drawer"]:                    # checked before the eval, not after it
+        if not a["auroc"]:
+            raise ValueError(f"--auroc_drawer {a['auroc_drawer']} draws the images of --auroc N: pass --auroc too (e.g. --auroc 40)")
+        M.check_checkpoint(a["auroc_drawer"], "--auroc_drawer")
     if a["unified"]:                         # the bench's encoders, checked before the eval, not after it
         M.check_checkpoint(a["encoder"], "--encoder")
         if a["clip"]:
@@ -632,7 +640,8 @@ def main(argv=None):
         summary["unified"] = unified_bench(model, ae, a["unified"], enc, device, steps=a["unified_steps"], cfg=a["cfg"],
                                            shift=a["shift"], seed=a["seed"], out_dir=a["out"])
     if a["auroc"]:
-        summary["self_judgment"] = self_judgment(model, ae, a["auroc"], a, device)
+        drawer = M.load_weights(a["auroc_drawer"], device, flag="--auroc_drawer")[:2] if a["auroc_drawer"] else None
+        summary["self_judgment"] = self_judgment(model, ae, a["auroc"], a, device, drawer=drawer)
     if a["captions"]:
         summary["captions"] = caption_eval(model, ae, a["captions"], device)
     if a["detail"]:

@@ -535,6 +535,18 @@ def test_auroc_matches_pairwise_count_and_self_judgment_runs(tiny_ckpt, tmp_path
     for k in ("auroc_vqa", "auroc_judge"):
         assert out[k] is None or 0 <= out[k] <= 1
     assert "self_judgment" in json.load(open(tmp_path / "summary.json"))
+    # --auroc_drawer: another checkpoint draws, this one judges (the drawer's images and labels, this judge's P(yes))
+    other = str(tmp_path / "other")
+    torch.manual_seed(7)
+    M.save_weights(other, M.MoT(M.config_for(2, len(__import__("world").VOCAB))), M.PaletteAE(w=16), dict(step=0))
+    args = ["--modes", "", "--und", "0", "--auroc", "1", "--sample_steps", "2", "--max_think", "4"]
+    own = evaluate.main(["--ckpt", other, "--out", str(tmp_path / "o")] + args)["self_judgment"]
+    cross = evaluate.main(["--ckpt", tiny_ckpt, "--auroc_drawer", other, "--out", str(tmp_path / "c")] + args)["self_judgment"]
+    assert cross["correct_rate"] == own["correct_rate"] and cross["mean_p_yes"] != own["mean_p_yes"]
+    with pytest.raises(ValueError, match="--auroc_drawer .* pass --auroc"):
+        evaluate.main(["--ckpt", tiny_ckpt, "--auroc_drawer", other, "--modes", "", "--und", "0", "--out", str(tmp_path / "d")])
+    with pytest.raises(FileNotFoundError, match="--auroc_drawer"):
+        evaluate.main(["--ckpt", tiny_ckpt, "--auroc_drawer", str(tmp_path / "nope")] + args + ["--out", str(tmp_path / "e")])
 
 
 def readme_commands():
