@@ -151,35 +151,6 @@ def test_equal_rewards_give_zero_advantage_and_no_nan():
     assert loss.item() == 0.0 and torch.equal(logp.grad, torch.zeros(4, 6))
 
 
-def test_redraws_average_the_reward_over_k_redraws_each_with_its_own_shared_noise(tiny_ckpt):
-    """--redraws K: R_i is the mean of K rewards, the k-th from the k-th redraw of every caption; redraw k
-    draws its own starting noise (the stream of K = 1 calls in a row), shared within each group; K = 1 is the
-    one-redraw path unchanged."""
-    m, ae, _ = M.load_weights(tiny_ckpt)
-    m.eval()
-    per, G = 2, 3
-    scenes, x = scene_images(5, per)
-    xs = np.repeat(x, G, 0)
-    y = [world.encode(world.caption(s)) for s in scenes for _ in range(G)]
-    y[1], y[4] = y[1][:4], y[4][:2]                      # captions differ within a group
-    a = dict(U.defaults, G=G, sample_steps=2, reward="iou")
-    g = lambda: torch.Generator().manual_seed(3)  # noqa: E731
-    one = dict(a, redraws=1)
-    gen = g()
-    singles = [U.redraw_rewards(m, ae, y, xs, R.matched_iou, one, per, gen) for _ in range(2)]
-    r2, sf2, first = U.redraw_rewards(m, ae, y, xs, R.matched_iou, dict(a, redraws=2), per, g())
-    assert np.allclose(r2, (singles[0][0] + singles[1][0]) / 2, atol=1e-6)
-    assert np.allclose(sf2, (singles[0][1] + singles[1][1]) / 2, atol=1e-6)
-    assert np.array_equal(first, singles[0][2])
-    assert not np.array_equal(singles[0][2], singles[1][2])          # each redraw its own noise
-    # one shared noise per group: the same caption twice in a group redraws to the same image
-    y_same = [y[0]] * (per * G)
-    _, _, im = U.redraw_rewards(m, ae, y_same, xs, R.matched_iou, one, per, g())
-    assert np.array_equal(im[0], im[2]) and not np.array_equal(im[0], im[G])
-    r1 = U.redraw_rewards(m, ae, y, xs, R.matched_iou, one, per, g())[0]
-    assert np.array_equal(r1, singles[0][0]) and r1.dtype == np.float32
-
-
 # ----------------------------------------------------------------------------- rewards
 
 def scene_images(seed, n):

@@ -212,7 +212,8 @@ def test_reward_stats_and_histogram():
 
 def test_matched_iou_sees_where_objects_are_that_scene_f1_cannot():
     """rewards.matched_iou: 1 for a render against itself, below 1 for the same scene moved by a pixel
-    (scene_f1, keyed by 3x3 cell, still 1 there), 0 against an empty canvas, 1 for two empty canvases."""
+    (scene_f1, keyed by 3x3 cell, still 1 there), 0 against an empty canvas, 1 for two empty canvases;
+    iou_and_scene is their mean, and a recoloured object lowers it."""
     import rewards as R
     rng = np.random.default_rng(7)
     scenes = [world.random_scene(rng, holdout="train") for _ in range(20)]
@@ -224,3 +225,9 @@ def test_matched_iou_sees_where_objects_are_that_scene_f1_cannot():
     iou, f1 = R.matched_iou(src, moved), R.scene_f1(src, moved)
     assert (iou < 0.95).all() and (iou > 0.3).all() and f1.mean() > 0.9
     assert np.allclose(R.matched_iou(src, empty), 0.0) and np.allclose(R.matched_iou(empty[:2], empty[:2]), 1.0)
+    both = R.iou_and_scene(src, moved)
+    assert both.dtype == np.float32 and np.allclose(both, (iou + f1) / 2, atol=1e-6)
+    # a recoloured object in its exact box: the IoU loses that object; the scene F1 loses it twice (missing + extra)
+    recol = np.stack([world.draw([dict(o, color="red" if o["color"] != "red" else "blue") if i == 0 else o
+                                  for i, o in enumerate(s)]) for s in scenes])
+    assert (R.scene_f1(src, recol) < 1).all() and (R.iou_and_scene(src, recol) < R.iou_and_scene(src, src)).all()

@@ -9,7 +9,6 @@ Unified-GRPO: reconstruction RL on the model's own captions (paper 002, "UAE"), 
   python unified_grpo.py --reward iou --ckpt data/v13                # where each object landed (a base that reads centres)
   python unified_grpo.py --params all --out runs/grpo/all_s0         # the single-backbone case (UMM-2)
   python unified_grpo.py --shuffle_rewards --out runs/grpo/shuf_s0   # the control: each group's rewards permuted
-  python unified_grpo.py --redraws 4 --reward iou --ckpt data/v13    # each caption's reward: the mean over 4 redraws
   python unified_grpo.py --out runs/grpo/s0 --resume      # continue a killed run (same weights at the end)
   python unified_grpo.py --report runs/grpo               # median and spread over seeds, gains paired by seed
 
@@ -30,7 +29,9 @@ The method (paper sections 2.1-2.2 and its appendix), each step:
               the exact match only weakly within a group -- correlation 0.29 -- where GRPO reads it;
               12 steps on it lowered the bench's caption F1, docs/LOG.md, 2026-11-25), or the matched-box
               IoU of source and redraw (--reward iou, rewards.matched_iou: where each object landed, the
-              detail a caption's centres carry and the scene F1, keyed by 3x3 cell, cannot see)
+              detail a caption's centres carry and the scene F1, keyed by 3x3 cell, cannot see), or
+              their mean (--reward iou_scene, rewards.iou_and_scene: the IoU alone ranks a detailed caption
+              with a wrong object above a right short one, so it buys detail with content)
   5. GRPO     A_i = (R_i - mean_k R_k) / std_k R_k                                    (paper 2.1)
               r_t^(i)(phi) = pi_phi(y_t | x, y_<t) / pi_phi_old(y_t | x, y_<t)
               J(phi) = 1/G sum_i 1/T_i sum_t [ min(r_t A_i, clip(r_t, 1-eps, 1+eps) A_i) - beta D_KL ]   (Eq. 1-2)
@@ -68,14 +69,14 @@ defaults = dict(
     ckpt="data/base", out="runs/grpo/s0", seed=0, resume=False, overwrite=False, report="", stop_after=0,
     # rollouts: G captions per image at T = 1 (paper), each redrawn by the frozen decoder
     images=16, G=4, temperature=1.0, max_caption=48, sample_steps=10, cfg=4.0, shift=3.0, shared_noise=True,
-    redraws=1, reward="scene", clip_path="", shuffle_rewards=False,
+    reward="scene", clip_path="", shuffle_rewards=False,
     # GRPO (paper: G 4, beta 1e-6, lr 1e-6 at its scale; lr here chosen by measurement, docs/LOG.md)
     params="und", steps=30, mu=2, lr=5e-5, eps=0.2, beta=1e-6, clip=1.0, ckpt_every=5,
     # evaluation before / after: GenEval-style (eval_n prompts per tag x eval_k) and Unified-Bench
     eval_n=8, eval_k=2, bench_n=48, gen_batch=64,
 )
-choices = dict(reward=("und", "clip", "scene", "iou"), params=("und", "all"))
-ranges = dict(images=">= 1", G=">= 2", redraws=">= 1", temperature="> 0", max_caption=">= 1", sample_steps=">= 1", cfg=">= 0",
+choices = dict(reward=("und", "clip", "scene", "iou", "iou_scene"), params=("und", "all"))
+ranges = dict(images=">= 1", G=">= 2", temperature="> 0", max_caption=">= 1", sample_steps=">= 1", cfg=">= 0",
               shift="> 0", steps=">= 1", mu=">= 1", lr="> 0", eps="0..1", beta=">= 0", clip="> 0", ckpt_every=">= 1",
               eval_n=">= 1", eval_k=">= 1", bench_n=">= 1", gen_batch=">= 1", stop_after=">= 0")
 
@@ -111,27 +112,6 @@ def grpo_loss(logp, logp_old, logp_ref, mask, A, eps, beta):
                     ratio_max=(r_t * mask).max().item(), ratio_min=torch.where(mask > 0, r_t, torch.ones_like(r_t)).min().item())
 
 
-def redraw_rewards(decoder, ae, y, xs, reward, a, per, gen):
-    """Steps 3-4: each caption y^(i) redrawn by the decoder, x_hat^(i) ~ p_theta(. | y^(i)), and its reward
-    R_i = R(x, x_hat^(i)). The G redraws of one image share their starting noise, so within a group they
-    differ only by their captions. --redraws K > 1 draws K redraws per caption (noise k shared within the
-    group) and R_i = 1/K sum_k R(x, x_hat^(i,k)): one redraw of a caption spreads by 0.06-0.09 in the
-    matched-box IoU, about what one misnamed object costs, so averaging K lowers the reward's noise by
-    sqrt(K) (the paper redraws once). Returns (R [N], the exact scene F1 averaged alike, the first redraws)."""
-    G, K, dev = a["G"], a["redraws"], next(decoder.parameters()).device
-    r, sf, first = 0.0, 0.0, None
-    for k in range(K):
-        x1 = torch.randn(per, M.N_IMG, decoder.c.latent_ch, device=dev, generator=gen)
-        x1 = x1.repeat_interleave(G, 0) if a["shared_noise"] else torch.randn(per * G, M.N_IMG, decoder.c.latent_ch,
-                                                                             device=dev, generator=gen)
-        x_hat = evaluate.redraw(decoder, ae, y, a["sample_steps"], a["cfg"], a["shift"], gen, x1)
-        rk = np.asarray(reward(xs, x_hat), np.float32)
-        r = r + rk / K
-        sf = sf + (rk if a["reward"] == "scene" else R.scene_f1(xs, x_hat)) / K
-        first = x_hat if first is None else first
-    return np.asarray(r, np.float32), np.asarray(sf, np.float32), first
-
-
 def caption_batch(z, captions):
     """Packed batch of <bos> <vs> [clean x] <ve> question y <eos?>: the labels are the caption's
     tokens (y_t given x, y_<t), so text_logprobs gives log pi(y_t | x, y_<t) at the label positions."""
@@ -145,6 +125,8 @@ def make_reward(a, base, ae, device):
         return R.scene_f1
     if a["reward"] == "iou":
         return R.matched_iou
+    if a["reward"] == "iou_scene":
+        return R.iou_and_scene
     if a["reward"] == "clip":
         return R.CLIPCosine(a["clip_path"], device)
     return R.UndCosine(base, ae, device)
@@ -234,10 +216,16 @@ def main(argv=None):
         y, ended = evaluate.describe(raw, ae, xs, a["temperature"], a["max_caption"], gen)
         # a caption that ended is scored on its <eos> too (ending is a decision the policy makes)
         traj = [yi + [M.EOS] if e else yi for yi, e in zip(y, ended.tolist())]
-        # 3.-4. x_hat^(i) ~ p_theta(. | y^(i)) and R_i = R(x, x_hat^(i)) (--redraws K: the mean over K redraws)
+        # 3. x_hat^(i) ~ p_theta(. | y^(i)); one starting noise per group
+        x1 = torch.randn(per, M.N_IMG, raw.c.latent_ch, device=device, generator=gen)
+        x1 = x1.repeat_interleave(G, 0) if a["shared_noise"] else torch.randn(per * G, M.N_IMG, raw.c.latent_ch,
+                                                                             device=device, generator=gen)
         decoder.eval()
-        r, sf, x_hat = redraw_rewards(decoder, ae, y, xs, reward, a, per, gen)
+        x_hat = evaluate.redraw(decoder, ae, y, a["sample_steps"], a["cfg"], a["shift"], gen, x1)
+        # 4. R_i = R(x, x_hat^(i)); the exact scene F1 and the caption's own F1 are logged either way
+        r = np.asarray(reward(xs, x_hat), np.float32)
         finite(f"step {step + 1} rewards", r=r)
+        sf = r if a["reward"] == "scene" else R.scene_f1(xs, x_hat)
         texts = [world.decode(yi) for yi in y]
         cap_f1 = np.array([world.caption_score(t, s) for t, s in zip(texts, [sc for sc in scenes for _ in range(G)])])
         # 5. A_i = (R_i - mean) / std within each group of G
