@@ -7,6 +7,7 @@ Unified-GRPO: reconstruction RL on the model's own captions (paper 002, "UAE"), 
   python unified_grpo.py --reward und --out runs/grpo/und_s0         # the offline encoder's cosine (paper form)
   python unified_grpo.py --reward clip --clip_path /path/to/clip     # the paper's CLIP (a LOCAL folder)
   python unified_grpo.py --reward iou --ckpt data/v13                # where each object landed (a base that reads centres)
+  python unified_grpo.py --reward iou_scene --beta 0.2 --lr 2e-5 --ckpt data/v13   # ... and the scene F1: the short form holds
   python unified_grpo.py --params all --out runs/grpo/all_s0         # the single-backbone case (UMM-2)
   python unified_grpo.py --shuffle_rewards --out runs/grpo/shuf_s0   # the control: each group's rewards permuted
   python unified_grpo.py --out runs/grpo/s0 --resume      # continue a killed run (same weights at the end)
